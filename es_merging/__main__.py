@@ -1,0 +1,5 @@
+import sys
+
+from es_merging.cli import main
+
+sys.exit(main())
