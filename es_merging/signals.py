@@ -1,0 +1,275 @@
+"""ES-Merging's embedding-space signals (DESIGN section 3).
+
+Coarse (layer-wise): pooled hidden states per (model, layer, modality) on the probe -> sliced
+Wasserstein distance between base and expert -> layer increments -> lambda[E, L].
+Fine (element-wise): per-layer gradient of the expert's own-modality deviation from the base
+w.r.t. that layer's tensors, accumulated over probe batches -> S[e, k].
+
+One base in memory with every LoRA adapter attached (switched by name; base = adapters off);
+dense experts are loaded one at a time. ``torch.no_grad`` for layer signals; for element scores
+gradients flow only into the current layer's tensors.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from es_merging.coefficients import layer_coefficients, layer_increments, sliced_wasserstein, standardize_pair
+from es_merging.errors import MergeError
+from es_merging.experts import ExpertSpec
+from es_merging.probe import Probe, ProbeSample
+from es_merging.signals_types import Signals
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def layer_of(key: str) -> int | None:
+    m = _LAYER.search(key)
+    return int(m.group(1)) if m else None
+
+
+def adapter_key(param_name: str, adapter: str) -> str:
+    """Live PEFT parameter name -> the key PEFT writes in adapter_model.safetensors."""
+    return param_name.replace(f".{adapter}.", ".")
+
+
+def module_weight_key(param_name: str) -> str:
+    """Live PEFT base-layer parameter name -> the base checkpoint key."""
+    name = param_name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
+def _seed_for(seed: int, *parts: int) -> int:
+    value = seed
+    for p in parts:
+        value = (value * 1_000_003 + p + 1) % (2**63 - 1)
+    return value
+
+
+def _prepare_samples(probe: Probe, encodable: set[str], needed: set[str]) -> tuple[list[ProbeSample], list[str]]:
+    """Drop raw inputs of modalities nobody can encode; the rest keep their spans."""
+    keep = [m for m in probe.modalities() if m == "cell" or m in encodable]
+    missing = sorted(needed - set(keep))
+    if missing:
+        raise MergeError(
+            f"the probe has no usable span for modality {', '.join(missing)} owned by an expert; "
+            f"build a probe whose samples include {', '.join(missing)} (probe modalities: {probe.modalities()})"
+        )
+    drop = {"molecule": "smiles", "protein": "protein", "cell": "cell"}
+    samples = [
+        s.model_copy(update={drop[m]: None for m in probe.modalities() if m not in keep}) for s in probe.samples
+    ]
+    return samples, keep
+
+
+def _pooled(model, batches, modalities: list[str]) -> torch.Tensor:
+    """Mean hidden state over each modality's tokens -> [L, T, N, H] (layers 1..L)."""
+    out: list[torch.Tensor] = []
+    with torch.no_grad():
+        for batch in batches:
+            hs = model.hidden_states(batch)[1:]  # drop the embeddings
+            per_layer = []
+            for h in hs:
+                per_mod = []
+                for m in modalities:
+                    mask = batch.masks[m].to(h.device).unsqueeze(-1).to(h.dtype)  # [B, S, 1]
+                    count = mask.sum(1).clamp_min(1.0)
+                    per_mod.append((h * mask).sum(1) / count)  # [B, H]
+                per_layer.append(torch.stack(per_mod))  # [T, B, H]
+            out.append(torch.stack(per_layer).float().cpu())  # [L, T, B, H]
+    return torch.cat(out, dim=2)
+
+
+def _layer_signal(pooled_base: torch.Tensor, pooled_expert: torch.Tensor, *, num_projections: int, p: float,
+                  seed: int, expert_index: int, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """SWD per (layer, modality) between base and expert pooled states -> [L, T]."""
+    L, T = pooled_base.shape[:2]
+    swd = torch.zeros(L, T, dtype=torch.float64)
+    modalities = list(rows)
+    for l in range(L):
+        for t in range(T):
+            valid = rows[modalities[t]]  # samples that have this modality
+            x, y = standardize_pair(pooled_base[l, t][valid], pooled_expert[l, t][valid])
+            gen = torch.Generator().manual_seed(_seed_for(seed, expert_index, l, t))
+            swd[l, t] = sliced_wasserstein(x, y, num_projections=num_projections, p=p, generator=gen)
+    return swd
+
+
+def _element_scores_lora(model, spec: ExpertSpec, batches, own: str, mode: str, score: str) -> dict[str, torch.Tensor]:
+    """S[k] for one LoRA expert: per-layer gradients of Loss[e,l] w.r.t. that layer's tensors."""
+    name = spec.name
+    named = dict(model.backbone.named_parameters())
+    by_layer: dict[int, list[tuple[str, torch.nn.Parameter]]] = {}
+    frozen: list[torch.nn.Parameter] = []
+    for pname, param in named.items():
+        layer = layer_of(pname)
+        if layer is None:
+            continue
+        if mode == "factor" and "lora_" in pname and f".{name}." in pname:
+            by_layer.setdefault(layer, []).append((adapter_key(pname, name), param))
+        elif mode == "delta" and ".base_layer.weight" in pname:
+            by_layer.setdefault(layer, []).append((module_weight_key(pname), param))
+    if not by_layer:
+        raise MergeError(f"expert {name!r}: no {'adapter' if mode == 'factor' else 'module'} tensors found in any layer")
+    sums: dict[str, torch.Tensor] = {}
+    for params in by_layer.values():
+        for key, param in params:
+            sums[key] = torch.zeros_like(param, dtype=torch.float32, device="cpu")
+    old_flags = {id(p): p.requires_grad for p in named.values()}
+    try:
+        for param in named.values():
+            param.requires_grad_(False)
+        for params in by_layer.values():
+            for _, param in params:
+                param.requires_grad_(True)
+        for batch in batches:
+            model.set_adapter(None)
+            with torch.no_grad():
+                base_h = [h.detach() for h in model.hidden_states(batch)[1:]]
+            model.set_adapter(name)
+            for params in by_layer.values():  # set_adapter may reset requires_grad
+                for _, param in params:
+                    param.requires_grad_(True)
+            with torch.enable_grad():
+                exp_h = model.hidden_states(batch)[1:]
+                mask = batch.masks[own].to(exp_h[0].device)
+                for layer in sorted(by_layer):
+                    diff = (exp_h[layer] - base_h[layer])[mask]  # [tokens, H]
+                    loss = diff.pow(2).mean()
+                    params = [p for _, p in by_layer[layer]]
+                    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+                    for (key, _), g in zip(by_layer[layer], grads):
+                        if g is None:
+                            continue
+                        g = g.detach().float().cpu()
+                        sums[key] += g.abs() if score == "grad_abs" else g.pow(2)
+                del exp_h
+    finally:
+        for param in named.values():
+            param.requires_grad_(old_flags[id(param)])
+    return sums
+
+
+def compute_signals(
+    base_dir: str | Path,
+    experts: list[ExpertSpec],
+    probe_path: str | Path | Probe,
+    *,
+    mode: str,
+    method,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+    device: str = "cpu",
+) -> Signals:
+    """Layer coefficients (always) and element scores (when ``method.needs_element_scores``)."""
+    from es_merging.mllm import MultimodalModel
+
+    timings: dict[str, float] = {}
+    t0 = time.time()
+    probe = probe_path if isinstance(probe_path, Probe) else Probe.load(probe_path)
+    if any(e.kind != "lora" for e in experts):
+        raise MergeError("ES signals for dense experts are not supported yet; use LoRA experts or a baseline method")
+    for e in experts:
+        if not e.modality:
+            raise MergeError(f"expert {e.name!r} declares no modality; ES-Merging needs one in its expert.json")
+    encoders: dict[str, Path] = {}
+    for e in experts:
+        if e.encoder_dir and e.modality not in encoders:
+            encoders[e.modality] = e.encoder_dir
+    samples, modalities = _prepare_samples(probe, set(encoders), {e.modality for e in experts})
+    own = [modalities.index(e.modality) for e in experts]
+    params = dict(method.values)
+    num_projections = int(params.get("num_projections", 1024))
+    p = float(params.get("p", 2.0))
+    score = str(params.get("score", "grad_abs"))
+
+    model = MultimodalModel.load(base_dir, adapters={e.name: e.path for e in experts}, encoders=encoders,
+                                 device=device)
+    rendered = [model.renderer.render(s, question=_question()) for s in samples]
+    batches = [model.collate(rendered[i:i + batch_size]) for i in range(0, len(rendered), batch_size)]
+    rows = {m: torch.tensor([m in r.masks for r in rendered]) for m in modalities}
+    for m, present in rows.items():
+        if int(present.sum()) < 2:
+            raise MergeError(f"the probe has {int(present.sum())} sample(s) with a {m} span; SWD needs at least 2")
+    timings["load"] = time.time() - t0
+
+    t = time.time()
+    total = len(experts) + 1
+    model.set_adapter(None)
+    pooled_base = _pooled(model, batches, modalities)
+    if progress:
+        progress("signals: hidden states", 1, total)
+    swd = torch.zeros(len(experts), model.num_layers, len(modalities), dtype=torch.float64)
+    for i, e in enumerate(experts):
+        model.set_adapter(e.name)
+        pooled = _pooled(model, batches, modalities)
+        swd[i] = _layer_signal(pooled_base, pooled, num_projections=num_projections, p=p, seed=seed,
+                               expert_index=i, rows=rows)
+        if progress:
+            progress("signals: hidden states", i + 2, total)
+    delta = layer_increments(swd)
+    if hasattr(method, "layer_coefficients"):
+        lam = method.layer_coefficients(delta, own)
+    else:
+        lam = layer_coefficients(delta, own)
+    timings["layer_signals"] = time.time() - t
+
+    scores: dict[str, torch.Tensor] = {}
+    if getattr(method, "needs_element_scores", False):
+        t = time.time()
+        per_expert = []
+        for i, e in enumerate(experts):
+            per_expert.append(_element_scores_lora(model, e, batches, e.modality, mode, score))
+            if progress:
+                progress("signals: element scores", i + 1, len(experts))
+        keys = sorted(per_expert[0])
+        for i, sums in enumerate(per_expert[1:], start=1):
+            if sorted(sums) != keys:
+                diff = sorted(set(keys) ^ set(sums))
+                raise MergeError(f"experts {experts[0].name!r} and {experts[i].name!r} differ in tensors: {diff[:3]}")
+        scores = {k: torch.stack([s[k] for s in per_expert]) for k in keys}
+        timings["element_scores"] = time.time() - t
+    model.set_adapter(None)
+    return Signals(
+        expert_names=[e.name for e in experts],
+        modalities=modalities,
+        own=own,
+        swd=swd.float(),
+        delta_swd=delta.float(),
+        lam=lam.float(),
+        scores=scores,
+        meta={
+            "seed": seed,
+            "probe_hash": probe.content_hash,
+            "probe_samples": len(samples),
+            "num_projections": num_projections,
+            "p": p,
+            "score": score,
+            "mode": mode,
+            "batch_size": batch_size,
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        },
+    )
+
+
+def _question() -> str:
+    from es_merging.probe import DEFAULT_QUESTION
+
+    return DEFAULT_QUESTION
+
+
+def signal_summary(signals: Signals) -> dict[str, Any]:
+    return {
+        "experts": signals.expert_names,
+        "modalities": signals.modalities,
+        "lambda": signals.lam.tolist(),
+        "swd": signals.swd.tolist(),
+    }

@@ -1,0 +1,38 @@
+"""The embedded default: a tiny world with a base model and three experts, built offline."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from es_merging.errors import EsMergingError
+
+
+def load_zoo_report(zoo_dir: str | Path) -> dict:
+    path = Path(zoo_dir) / "zoo.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EsMergingError(f"{path} not found: build the zoo first with `es-merging zoo build --out {zoo_dir}`") from None
+    except ValueError as exc:
+        raise EsMergingError(f"{path} is not valid JSON ({exc}); rebuild the zoo") from None
+
+
+def zoo_world(zoo_dir: str | Path):
+    """Regenerate the world a zoo was built from (it is a pure function of its seed)."""
+    from es_merging.zoo.world import World
+
+    report = load_zoo_report(zoo_dir)
+    return World.generate(report["world"]["seed"], per_class=report["world"]["per_class"])
+
+
+def probe_from_zoo(zoo_dir: str | Path, n: int = 64, seed: int = 0, split: str = "train"):
+    """An unlabeled probe of n samples drawn from the zoo's world (raw inputs only)."""
+    from es_merging.probe import build_probe
+    from es_merging.zoo.train import to_probe_sample
+
+    world = zoo_world(zoo_dir)
+    samples = []
+    for i, ws in enumerate(world.samples(n, split, seed=seed + 1000)):
+        s = to_probe_sample(ws, i)
+        samples.append(s.model_copy(update={"descriptors": {}, "answer": None}))
+    return build_probe(samples, source=f"zoo:{Path(zoo_dir).name}", seed=seed, strategy="random")

@@ -1,0 +1,194 @@
+"""`es-merging zoo build`: the embedded default world, built offline and reproducibly.
+
+Writes (atomically: a temporary directory renamed at the end)::
+
+    DIR/base/        tiny LlamaForCausalLM + tokenizer (safetensors)
+    DIR/molecule/    LoRA adapter + expert.json + encoder/ (fingerprint -> 8 soft tokens)
+    DIR/protein/     LoRA adapter + expert.json + encoder/ (tiny EsmModel + 2-layer adapter)
+    DIR/cell/        LoRA adapter + expert.json (genes as text)
+    DIR/zoo.json     preset, seed, timings and the measured quality
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from es_merging.errors import EsMergingError
+from es_merging.experts import EXPERT_FORMAT, base_hash
+from es_merging.probe import MODALITY_ORDER
+from es_merging.zoo.presets import PRESETS, Preset
+from es_merging.zoo.world import DESCRIPTORS, MODALITIES, World
+
+log = logging.getLogger(__name__)
+ZOO_FORMAT = "es-merging-zoo/1"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _corpus(world: World, n: int = 3000) -> list[str]:
+    """Text the tokenizer is trained on: replies, descriptors, gene lists and the prompt frame."""
+    from es_merging.probe import response_segments
+    from es_merging.zoo.world import QUESTION
+
+    lines = []
+    for ws in world.samples(n, "train", seed=999):
+        reply = "".join(t for t, _ in response_segments([(m, ws.entity(m).descriptor) for m in MODALITIES], ws.answer))
+        cell = ", ".join(ws.cell.raw)
+        lines.append(f"Molecule: {ws.molecule.descriptor}\nProtein: {ws.protein.descriptor}\nCell: {cell}\n"
+                     f"Question: {QUESTION}\n{reply}")
+    return lines
+
+
+def _new_base(preset: Preset, tokenizer, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=preset.hidden, intermediate_size=preset.intermediate,
+        num_hidden_layers=preset.layers, num_attention_heads=preset.heads, num_key_value_heads=preset.heads,
+        max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _new_encoder(modality: str, preset: Preset):
+    from es_merging.encoders import EsmProteinEncoder, FingerprintEncoder
+
+    if modality == "molecule":
+        return FingerprintEncoder(preset.hidden, n_tokens=8, n_bits=preset.fp_bits)
+    if modality == "protein":
+        return EsmProteinEncoder(preset.hidden, esm_hidden=preset.esm_hidden, esm_layers=preset.esm_layers)
+    return None
+
+
+def _save_expert(peft_model, encoders, name: str, out: Path, digest: str, preset: Preset) -> None:
+    scratch = out.parent / f".{name}.adapters"
+    peft_model.save_pretrained(str(scratch), selected_adapters=[name], safe_serialization=True)
+    saved = scratch / name if (scratch / name).is_dir() else scratch
+    out.mkdir(parents=True)
+    for f in saved.iterdir():
+        if f.is_file() and f.name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.move(str(f), out / f.name)
+    shutil.rmtree(scratch)
+    manifest = {
+        "format": EXPERT_FORMAT, "name": name, "modality": name, "kind": "lora", "base_hash": digest,
+        "encoder": "encoder" if name in encoders else None,
+        "description": f"embedded-world {name} expert: raw {name} input -> {'/'.join(DESCRIPTORS[name])}",
+        "preset": preset.name,
+    }
+    if name in encoders:
+        encoders[name].save(out / "encoder")
+    (out / "expert.json").write_text(json.dumps(manifest, indent=2))
+
+
+def build_zoo(out: str | Path, *, preset: str = "tiny", seed: int = 0, overwrite: bool = False,
+              progress: Callable[[str, int, int], None] | None = None) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    from es_merging.mllm import MultimodalModel
+    from es_merging.zoo.evaluate import evaluate_zoo
+    from es_merging.zoo.tokenizer import train_tokenizer
+    from es_merging.zoo.train import train_base, train_experts
+
+    if preset not in PRESETS:
+        raise EsMergingError(f"unknown zoo preset {preset!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise EsMergingError(f"{out} already exists; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    timings: dict[str, float] = {}
+    t_all = time.time()
+    try:
+        torch.manual_seed(seed)
+        t = time.time()
+        world = World.generate(seed, per_class=p.per_class)
+        tokenizer = train_tokenizer(_corpus(world), vocab_size=p.vocab)
+        timings["world_and_tokenizer"] = round(time.time() - t, 2)
+
+        t = time.time()
+        base = MultimodalModel(_new_base(p, tokenizer, seed), tokenizer, {})
+        base_stats = train_base(base, world, steps=p.base_steps, batch=p.batch, lr=p.lr_base, seed=seed,
+                                progress=progress)
+        base_dir = tmp / "base"
+        base.backbone.save_pretrained(str(base_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(base_dir))
+        digest = base_hash(base_dir)
+        timings["base"] = round(time.time() - t, 2)
+
+        t = time.time()
+        lora = dict(r=p.lora_rank, lora_alpha=p.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                    task_type="CAUSAL_LM")
+        torch.manual_seed(seed + 1)
+        peft_model = get_peft_model(base.backbone, LoraConfig(**lora), adapter_name=MODALITIES[0])
+        for name in MODALITIES[1:]:
+            peft_model.add_adapter(name, LoraConfig(**lora))
+        encoders = {m: e for m in MODALITIES if (e := _new_encoder(m, p)) is not None}
+        experts = MultimodalModel(peft_model, tokenizer, encoders)
+        expert_stats = train_experts(experts, world, list(MODALITIES), steps=p.expert_steps, batch=p.batch,
+                                     lr=p.lr_expert, seed=seed + 2, progress=progress)
+        for name in MODALITIES:
+            _save_expert(peft_model, encoders, name, tmp / name, digest, p)
+        timings["experts"] = round(time.time() - t, 2)
+
+        t = time.time()
+        quality = evaluate_zoo(tmp, world, n=p.eval_n, seed=seed, progress=progress)
+        timings["evaluate"] = round(time.time() - t, 2)
+        timings["total"] = round(time.time() - t_all, 2)
+        gates = quality_gates(quality)
+        report = {
+            "format": ZOO_FORMAT,
+            "preset": p.to_dict(),
+            "seed": seed,
+            "world": {"seed": world.seed, "per_class": p.per_class, "descriptors": DESCRIPTORS,
+                      "train_entities": {m: len(v) for m, v in world.train.items()},
+                      "heldout_entities": {m: len(v) for m, v in world.heldout.items()}},
+            "base_hash": digest,
+            "experts": {m: {"path": m, "modality": m, "encoder": m in encoders} for m in MODALITY_ORDER},
+            "training": {"base": base_stats, "experts": expert_stats},
+            "quality": quality,
+            "gates": gates,
+            "timings_s": timings,
+            "versions": _versions(),
+            "threads": torch.get_num_threads(),
+        }
+        (tmp / "zoo.json").write_text(json.dumps(report, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def quality_gates(q: dict) -> dict:
+    """The issue's quality bars, evaluated on held-out entities."""
+    base_text = q["base"]["text"]["answer_accuracy"]
+    gates = {
+        "base_text_answer_ge_0.95": base_text >= 0.95,
+    }
+    for m in MODALITIES:
+        gates[f"{m}_expert_own_slot_ge_0.90"] = q[m]["raw"]["slot_accuracy"][m] >= 0.90
+        gates[f"{m}_expert_text_answer_within_5pts"] = q[m]["text"]["answer_accuracy"] >= base_text - 0.05
+    gates["all_pass"] = all(gates.values())
+    return gates
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+
+    import es_merging
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "es_merging": es_merging.__version__}

@@ -1,0 +1,181 @@
+"""Training of the embedded zoo: the base learns *reasoning* over textual descriptors, each expert
+learns *perception* of its raw modality (raw input -> descriptor) without breaking the reasoning.
+
+Expert batches mix three kinds of example (DESIGN section 7 records why):
+  own   - own modality raw, others as text: CE on the whole reply (perception + reasoning replay);
+  raw   - every modality raw: CE on the own slot, KL to the base on every other reply position, so the
+          expert's delta stays near zero outside its modality (others' soft tokens come from the
+          other experts' encoders, which train in the same interleaved loop);
+  text  - every modality as text: CE on the whole reply (the base's reasoning, replayed).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from es_merging.probe import ProbeSample, RenderedPrompt, response_segments
+from es_merging.zoo.world import MODALITIES, QUESTION, World, WorldSample
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+def to_probe_sample(ws: WorldSample, index: int | None = None) -> ProbeSample:
+    return ProbeSample(
+        id=None if index is None else f"w{index}",
+        smiles=ws.molecule.raw,
+        protein=ws.protein.raw,
+        cell=list(ws.cell.raw),
+        descriptors={m: ws.entity(m).descriptor for m in MODALITIES},
+        answer=ws.answer,
+    )
+
+
+def render_example(renderer, ws: WorldSample, spans: dict[str, str], eos: str) -> RenderedPrompt:
+    sample = to_probe_sample(ws)
+    reply = response_segments([(m, ws.entity(m).descriptor) for m in MODALITIES], ws.answer, eos)
+    return renderer.render(sample, spans=spans, question=QUESTION, response=reply)
+
+
+def targets(model, rendered: list[RenderedPrompt], ce_names: list[set[str] | None], kl_rest: list[bool]):
+    """labels [B, S] (-100 = ignored) aligned with logits, and a KL mask over reply positions.
+
+    ce_names[i] None -> CE on every reply token of example i; else CE on the named target spans
+    only, and (kl_rest[i]) KL to the base on the other reply positions."""
+    batch = model.collate(rendered)
+    labels = torch.full_like(batch.input_ids, -100)
+    kl_mask = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+    for row, r in enumerate(rendered):
+        n = len(r.input_ids)
+        ids = batch.input_ids[row]
+        reply = range(r.prompt_length, n)
+        if ce_names[row] is None:
+            for j in reply:
+                labels[row, j - 1] = ids[j]
+            continue
+        chosen = set()
+        for name, s, e in r.target_spans:
+            if name in ce_names[row]:
+                chosen.update(range(s, e))
+        for j in reply:
+            if j in chosen:
+                labels[row, j - 1] = ids[j]
+            elif kl_rest[row]:
+                kl_mask[row, j - 1] = True
+    return batch, labels, kl_mask
+
+
+def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_base(model, world: World, *, steps: int, batch: int, lr: float, seed: int,
+               progress: Progress | None = None) -> dict:
+    """Base: every span as text; CE on the whole reply (it learns to copy descriptors into the slots
+    and to answer the rule from them)."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    pool = world.samples(steps * batch, "train", seed=seed)
+    params = [p for p in model.backbone.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    eos = model.tokenizer.eos_token
+    spans = {m: "text" for m in MODALITIES}
+    model.train()
+    t0, losses = time.time(), []
+    for step in range(steps):
+        chunk = pool[step * batch:(step + 1) * batch]
+        rng.shuffle(chunk)
+        rendered = [render_example(model.renderer, ws, spans, eos) for ws in chunk]
+        b, labels, _ = targets(model, rendered, [None] * len(rendered), [False] * len(rendered))
+        logits = model.forward(b).logits
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+        for g in opt.param_groups:
+            g["lr"] = _cosine_lr(step, steps, lr, warmup=max(1, steps // 20))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss))
+        if progress and (step % 20 == 0 or step == steps - 1):
+            progress("train base", step + 1, steps)
+    model.eval()
+    return {"steps": steps, "seconds": round(time.time() - t0, 1), "final_loss": sum(losses[-20:]) / min(20, len(losses))}
+
+
+def train_experts(model, world: World, experts: list[str], *, steps: int, batch: int, lr: float, seed: int,
+                  mix: tuple[float, float, float] = (0.4, 0.4, 0.2), kl_weight: float = 1.0,
+                  progress: Progress | None = None) -> dict:
+    """Interleaved training of one LoRA adapter (named after its modality) and one encoder per expert.
+
+    ``model`` carries every adapter and every encoder; each step visits each expert once."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    eos = model.tokenizer.eos_token
+    opts = {}
+    for name in experts:
+        model.set_adapter(name)
+        params = [p for n, p in model.backbone.named_parameters() if f".{name}." in n and "lora_" in n]
+        if name in model.encoders:
+            params += list(model.encoders[name].parameters())
+        for p in params:
+            p.requires_grad_(True)
+        opts[name] = (torch.optim.AdamW(params, lr=lr, weight_decay=0.0), params)
+    pools = {name: world.samples(steps * batch, "train", seed=seed + 17 * (i + 1)) for i, name in enumerate(experts)}
+    stats = {name: [] for name in experts}
+    t0 = time.time()
+    model.train()
+    for step in range(steps):
+        for name in experts:
+            chunk = pools[name][step * batch:(step + 1) * batch]
+            rendered, ce, kl = [], [], []
+            for ws in chunk:
+                u = rng.random()
+                if u < mix[0]:
+                    spans = {m: ("raw" if m == name else "text") for m in MODALITIES}
+                    ce.append(None), kl.append(False)
+                elif u < mix[0] + mix[1]:
+                    spans = {m: "raw" for m in MODALITIES}
+                    ce.append({f"slot:{name}"}), kl.append(True)
+                else:
+                    spans = {m: "text" for m in MODALITIES}
+                    ce.append(None), kl.append(False)
+                rendered.append(render_example(model.renderer, ws, spans, eos))
+            b, labels, kl_mask = targets(model, rendered, ce, kl)
+            base_logits = None
+            if kl_mask.any():  # the base's reply distribution, before the expert's graph is built
+                model.set_adapter(None)
+                with torch.no_grad():
+                    base_logits = model.forward(b).logits
+            model.set_adapter(name)
+            model.zero_grad(set_to_none=True)
+            logits = model.forward(b).logits
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+            if base_logits is not None:
+                lp = torch.log_softmax(logits[kl_mask], -1)
+                lq = torch.log_softmax(base_logits[kl_mask], -1)
+                loss = loss + kl_weight * F.kl_div(lp, lq, log_target=True, reduction="batchmean")
+            opt, params = opts[name]
+            for g in opt.param_groups:
+                g["lr"] = _cosine_lr(step, steps, lr, warmup=max(1, steps // 20))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            stats[name].append(float(loss))
+        if progress and (step % 10 == 0 or step == steps - 1):
+            progress("train experts", step + 1, steps)
+    model.eval()
+    return {
+        "steps": steps,
+        "seconds": round(time.time() - t0, 1),
+        "final_loss": {n: sum(v[-20:]) / min(20, len(v)) for n, v in stats.items()},
+    }
