@@ -23,3 +23,28 @@ def data_dir() -> Path:
     if not (path / "SOURCES.md").exists():
         pytest.skip(f"real datasets not found at {path} (set ES_MERGING_DATA_DIR or put ../shared/data beside the repo)")
     return path
+
+
+@pytest.fixture(scope="session")
+def zoo_dir(tmp_path_factory) -> Path:
+    """The embedded zoo, test preset, built once per test session (about 20-40 s on 2 cores).
+
+    Set ES_MERGING_TEST_ZOO to a prebuilt test-preset zoo to skip the build while iterating."""
+    prebuilt = os.environ.get("ES_MERGING_TEST_ZOO")
+    if prebuilt:
+        return Path(prebuilt)
+    from es_merging.zoo.build import build_zoo
+
+    out = tmp_path_factory.mktemp("zoo") / "zoo"
+    build_zoo(out, preset="test", seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def zoo_probe(zoo_dir, tmp_path_factory) -> Path:
+    """A 24-sample probe drawn from the zoo's world."""
+    from es_merging.zoo import probe_from_zoo
+
+    path = tmp_path_factory.mktemp("probe") / "probe.json"
+    probe_from_zoo(zoo_dir, n=24, seed=0).save(path)
+    return path
