@@ -35,6 +35,10 @@ class Param:
     def parse(self, raw: Any) -> Any:
         """Coerce and validate a value (from a CLI string, JSON or Python)."""
         try:
+            if self.type is not bool and isinstance(raw, bool):
+                raise ValueError(raw)  # True is an int in Python, but never a valid number here
+            if self.type is bool and not isinstance(raw, (bool, str)):
+                raise ValueError(raw)
             if self.type is bool and isinstance(raw, str):
                 low = raw.strip().lower()
                 if low not in {"true", "false", "1", "0", "yes", "no"}:
@@ -93,8 +97,7 @@ class MergeMethod:
     needs_probe: ClassVar[bool] = False  # needs hidden-state signals from a probe
     needs_layer_coefficients: ClassVar[bool] = False
     needs_element_scores: ClassVar[bool] = False
-    # True when the method returns a delta that the engine adds to the base (task arithmetic,
-    # TIES, DARE); an average-type method returns sum_e w_e * delta_e which is also a delta.
+
     def __init__(self, **values: Any):
         declared = {p.name: p for p in self.params}
         unknown = sorted(set(values) - set(declared))
@@ -123,6 +126,8 @@ class MergeMethod:
             "name": cls.name,
             "summary": cls.summary,
             "needs_probe": cls.needs_probe,
+            "needs_layer_coefficients": cls.needs_layer_coefficients,
+            "needs_element_scores": cls.needs_element_scores,
             "params": [p.describe() for p in cls.params],
         }
 
