@@ -102,55 +102,75 @@ def _layer_signal(pooled_base: torch.Tensor, pooled_expert: torch.Tensor, *, num
     return swd
 
 
-def _element_scores_lora(model, spec: ExpertSpec, batches, own: str, mode: str, score: str) -> dict[str, torch.Tensor]:
-    """S[k] for one LoRA expert: per-layer gradients of Loss[e,l] w.r.t. that layer's tensors."""
+class _LayerInputsDetached:
+    """Detach every decoder layer's input hidden states while active.
+
+    Forward values are unchanged, but gradients can no longer cross layers, so one backward of
+    sum_l Loss[e, l] yields exactly dLoss[e, l]/dphi_k for the tensors phi_k of layer l (the design's
+    per-layer rule) instead of L separate backward passes."""
+
+    def __init__(self, model):
+        self.layers = _decoder_layers(model)
+        self.handles: list[Any] = []
+
+    @staticmethod
+    def _hook(module, args, kwargs):
+        if args:
+            return (args[0].detach(), *args[1:]), kwargs
+        if "hidden_states" in kwargs:
+            kwargs = dict(kwargs, hidden_states=kwargs["hidden_states"].detach())
+        return args, kwargs
+
+    def __enter__(self):
+        self.handles = [layer.register_forward_pre_hook(self._hook, with_kwargs=True) for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    for name, module in model.backbone.named_modules():
+        if name.endswith(".layers") and isinstance(module, torch.nn.ModuleList):
+            return list(module)
+    raise MergeError("cannot find the decoder layers (a `.layers` ModuleList) in the backbone")
+
+
+def _element_scores_lora(model, spec: ExpertSpec, batches, base_states, own: str, mode: str,
+                         score: str) -> dict[str, torch.Tensor]:
+    """S[k] for one LoRA expert: per-layer gradients of Loss[e,l] w.r.t. that layer's tensors,
+    summed over probe batches (|g| for grad_abs, g^2 for grad2)."""
     name = spec.name
     named = dict(model.backbone.named_parameters())
-    by_layer: dict[int, list[tuple[str, torch.nn.Parameter]]] = {}
-    frozen: list[torch.nn.Parameter] = []
+    targets: list[tuple[str, torch.nn.Parameter]] = []
     for pname, param in named.items():
-        layer = layer_of(pname)
-        if layer is None:
+        if layer_of(pname) is None:
             continue
         if mode == "factor" and "lora_" in pname and f".{name}." in pname:
-            by_layer.setdefault(layer, []).append((adapter_key(pname, name), param))
+            targets.append((adapter_key(pname, name), param))
         elif mode == "delta" and ".base_layer.weight" in pname:
-            by_layer.setdefault(layer, []).append((module_weight_key(pname), param))
-    if not by_layer:
+            targets.append((module_weight_key(pname), param))
+    if not targets:
         raise MergeError(f"expert {name!r}: no {'adapter' if mode == 'factor' else 'module'} tensors found in any layer")
-    sums: dict[str, torch.Tensor] = {}
-    for params in by_layer.values():
-        for key, param in params:
-            sums[key] = torch.zeros_like(param, dtype=torch.float32, device="cpu")
+    sums = {key: torch.zeros_like(param, dtype=torch.float32, device="cpu") for key, param in targets}
     old_flags = {id(p): p.requires_grad for p in named.values()}
+    model.set_adapter(name)
     try:
         for param in named.values():
             param.requires_grad_(False)
-        for params in by_layer.values():
-            for _, param in params:
-                param.requires_grad_(True)
-        for batch in batches:
-            model.set_adapter(None)
-            with torch.no_grad():
-                base_h = [h.detach() for h in model.hidden_states(batch)[1:]]
-            model.set_adapter(name)
-            for params in by_layer.values():  # set_adapter may reset requires_grad
-                for _, param in params:
-                    param.requires_grad_(True)
-            with torch.enable_grad():
+        for _, param in targets:
+            param.requires_grad_(True)
+        for batch, base_h in zip(batches, base_states):
+            with torch.enable_grad(), _LayerInputsDetached(model):
                 exp_h = model.hidden_states(batch)[1:]
                 mask = batch.masks[own].to(exp_h[0].device)
-                for layer in sorted(by_layer):
-                    diff = (exp_h[layer] - base_h[layer])[mask]  # [tokens, H]
-                    loss = diff.pow(2).mean()
-                    params = [p for _, p in by_layer[layer]]
-                    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-                    for (key, _), g in zip(by_layer[layer], grads):
-                        if g is None:
-                            continue
-                        g = g.detach().float().cpu()
-                        sums[key] += g.abs() if score == "grad_abs" else g.pow(2)
-                del exp_h
+                loss = sum(((h - b)[mask]).pow(2).mean() for h, b in zip(exp_h, base_h))
+                grads = torch.autograd.grad(loss, [p for _, p in targets], allow_unused=True)
+            for (key, _), g in zip(targets, grads):
+                if g is not None:
+                    g = g.detach().float().cpu()
+                    sums[key] += g.abs() if score == "grad_abs" else g.pow(2)
     finally:
         for param in named.values():
             param.requires_grad_(old_flags[id(param)])
@@ -225,9 +245,12 @@ def compute_signals(
     scores: dict[str, torch.Tensor] = {}
     if getattr(method, "needs_element_scores", False):
         t = time.time()
+        model.set_adapter(None)
+        with torch.no_grad():  # the base's states are the same target for every expert
+            base_states = [[h.detach() for h in model.hidden_states(b)[1:]] for b in batches]
         per_expert = []
         for i, e in enumerate(experts):
-            per_expert.append(_element_scores_lora(model, e, batches, e.modality, mode, score))
+            per_expert.append(_element_scores_lora(model, e, batches, base_states, e.modality, mode, score))
             if progress:
                 progress("signals: element scores", i + 1, len(experts))
         keys = sorted(per_expert[0])
