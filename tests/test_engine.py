@@ -33,15 +33,20 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 # ------------------------------------------------------------------ synthetic checkpoints
-def make_base(path: Path, *, layers: int = 2, hidden: int = 16, seed: int = 0) -> Path:
+def make_base(path: Path, *, layers: int = 2, hidden: int = 16, seed: int = 0, tokenizer: bool = False) -> Path:
+    """A tiny LlamaForCausalLM (vocab 300: room for a byte-level tokenizer) saved by transformers."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=40, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=300, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(str(path), safe_serialization=True)
+    if tokenizer:
+        from es_merging.zoo.tokenizer import save_tokenizer, train_tokenizer
+
+        save_tokenizer(train_tokenizer(["Molecule: lipophilic\nProtein: kinase\nCell: T cell, CD3D"] * 4, vocab_size=300), path)
     return path
 
 
@@ -53,7 +58,8 @@ def write_expert_json(path: Path, name: str, modality: str | None, base_dir: Pat
 
 
 def make_lora(path: Path, base_dir: Path, *, seed: int, r: int = 4, alpha: int = 8, name: str | None = None,
-              modality: str | None = "molecule", targets=TARGETS, expert_json: bool = True) -> Path:
+              modality: str | None = "molecule", targets=TARGETS, expert_json: bool = True,
+              encoder: bool = False) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
@@ -62,8 +68,15 @@ def make_lora(path: Path, base_dir: Path, *, seed: int, r: int = 4, alpha: int =
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
                                                   init_lora_weights=False, lora_dropout=0.0))
     peft_model.save_pretrained(str(path), safe_serialization=True)
+    if encoder:  # a molecule encoder (fingerprint MLP -> 8 soft tokens), as the zoo's experts carry
+        from es_merging.encoders import FingerprintEncoder
+
+        FingerprintEncoder(model.config.hidden_size, n_tokens=8, n_bits=64, width=16).save(path / "encoder")
     if expert_json:
         write_expert_json(path, name or path.name, modality, base_dir, "lora")
+        if encoder:
+            meta = json.loads((path / "expert.json").read_text())
+            (path / "expert.json").write_text(json.dumps({**meta, "encoder": "encoder"}))
     return path
 
 
@@ -82,11 +95,12 @@ def make_dense(path: Path, base_dir: Path, *, seed: int, noise: float = 0.02) ->
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("synthetic")
-    base = make_base(root / "base")
+    base = make_base(root / "base", tokenizer=True)
     other = make_base(root / "other_base", seed=7)
     out = {"root": root, "base": base, "other_base": other}
     for i, (name, mod) in enumerate([("mol", "molecule"), ("prot", "protein"), ("cell", "cell")]):
-        out[name] = make_lora(root / name, base, seed=10 + i, alpha=4 * (i + 1), name=name, modality=mod)
+        out[name] = make_lora(root / name, base, seed=10 + i, alpha=4 * (i + 1), name=name, modality=mod,
+                              encoder=(mod == "molecule"))
     out["rank8"] = make_lora(root / "rank8", base, seed=20, r=8, alpha=8, name="rank8")
     out["dense1"] = make_dense(root / "dense1", base, seed=1)
     out["dense2"] = make_dense(root / "dense2", base, seed=2)
