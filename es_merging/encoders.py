@@ -137,6 +137,8 @@ def load_encoder(path: str | Path) -> SoftTokenEncoder:
         raise ExpertError(f"encoder {path}: config.json is missing") from None
     except ValueError as exc:
         raise ExpertError(f"encoder {path}/config.json: invalid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ExpertError(f"encoder {path}/config.json: expected a JSON object with a \"type\"")
     kind = cfg.pop("type", None)
     cfg.pop("modality", None)
     if kind not in ENCODER_TYPES:
@@ -148,8 +150,14 @@ def load_encoder(path: str | Path) -> SoftTokenEncoder:
     weights = path / "model.safetensors"
     if not weights.exists():
         raise ExpertError(f"encoder {path}: model.safetensors is missing")
-    state = load_file(str(weights))
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ExpertError(f"encoder {weights}: not a readable safetensors file ({exc})") from None
+    try:
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches raise even with strict=False
+        raise ExpertError(f"encoder {path}: weights do not match its config ({exc})") from None
     if missing or unexpected:
         raise ExpertError(f"encoder {path}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     encoder.eval()

@@ -122,7 +122,9 @@ def base_hash(model_dir: str | Path) -> str:
     Independent of sharding and file names, so re-saving the same weights keeps the hash.
     Cached per (file, mtime, size) because it reads every byte."""
     files = checkpoint_files(Path(model_dir))
-    stamp = tuple((str(f.resolve()), f.stat().st_mtime, f.stat().st_size) for f in files)
+    stats = [(f, f.stat()) for f in files]
+    # nanosecond mtime and inode too: a re-save of same-sized weights must never hit a stale entry
+    stamp = tuple((str(f.resolve()), st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size) for f, st in stats)
     key = (repr(stamp), 0.0, 0)
     with _HASH_LOCK:
         if key in _HASH_CACHE:
@@ -154,6 +156,9 @@ def load_expert_spec(path: str | Path) -> ExpertSpec:
             raise ExpertError(f"{manifest_file}: invalid JSON ({exc})") from None
         if not isinstance(meta, dict) or meta.get("format") != EXPERT_FORMAT:
             raise ExpertError(f"{manifest_file}: expected \"format\": \"{EXPERT_FORMAT}\"")
+        for key in ("name", "modality", "kind", "base_hash", "encoder"):
+            if meta.get(key) is not None and not (isinstance(meta[key], str) and meta[key].strip()):
+                raise ExpertError(f"{manifest_file}: {key!r} must be a non-empty string or null, not {meta[key]!r}")
     has_adapter = (path / ADAPTER_CONFIG).exists()
     kind = meta.get("kind") or ("lora" if has_adapter else "dense")
     if kind not in ("lora", "dense"):

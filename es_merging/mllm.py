@@ -35,10 +35,17 @@ class Batch:
 def _load_backbone(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
+    from es_merging.experts import checkpoint_files
+
     if not (path / "config.json").exists():
         raise ExpertError(f"backbone {path}: config.json is missing (expected an HF causal-LM directory)")
+    checkpoint_files(path)  # safetensors present, else an error naming the pickles (never unpickled)
     # safetensors only; never trust remote code
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
+                                                    trust_remote_code=False)
+    except (OSError, ValueError) as exc:  # unknown architecture, bad config, unreadable weights
+        raise ExpertError(f"backbone {path} cannot be loaded ({exc})") from None
 
 
 def _load_tokenizer(path: Path):
@@ -92,14 +99,52 @@ class MultimodalModel(nn.Module):
         path = Path(path)
         if not (path / "adapter_model.safetensors").exists():
             raise ExpertError(f"adapter {name!r}: {path / 'adapter_model.safetensors'} is missing")
+        if name in self.adapter_names:
+            raise ExpertError(f"an adapter named {name!r} is already attached; choose another name")
+        # PEFT injects the LoRA layers first and loads the weights after: check the shapes before,
+        # so that a misfit adapter leaves the model untouched
+        self._check_adapter_fits(name, path)
         try:
             if isinstance(self.backbone, PeftModel):
                 self.backbone.load_adapter(str(path), adapter_name=name)
             else:
                 self.backbone = PeftModel.from_pretrained(self.backbone, str(path), adapter_name=name)
         except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatch, unknown target modules
+            if isinstance(self.backbone, PeftModel) and name in self.adapter_names:
+                self.backbone.delete_adapter(name)
+                self.set_adapter(self._active)
             raise ExpertError(f"adapter {name!r} at {path} does not fit this backbone: {exc}") from None
         self._active = name
+
+    def _check_adapter_fits(self, name: str, path: Path) -> None:
+        from peft import PeftModel
+        from safetensors import safe_open
+
+        root = self.backbone.base_model.model if isinstance(self.backbone, PeftModel) else self.backbone
+        modules = dict(root.named_modules())
+        weights = path / "adapter_model.safetensors"
+        try:
+            with safe_open(str(weights), framework="pt") as fh:
+                shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        except Exception as exc:  # safetensors raises its own error types
+            raise ExpertError(f"adapter {name!r}: {weights} is not a readable safetensors file ({exc})") from None
+        for key, shape in shapes.items():
+            parts = key.split(".")
+            kind = next((k for k in ("lora_A", "lora_B") if k in parts), None)
+            if kind is None:
+                continue
+            module_name = ".".join(parts[:parts.index(kind)]).removeprefix("base_model.model.")
+            module = modules.get(module_name)
+            if module is None:
+                raise ExpertError(f"adapter {name!r} at {path}: {key} targets module {module_name!r}, "
+                                  "which this backbone does not have (trained on another base?)")
+            base = getattr(module, "base_layer", module)
+            if isinstance(base, nn.Linear) and len(shape) == 2:
+                got, want = (shape[1], base.in_features) if kind == "lora_A" else (shape[0], base.out_features)
+                if got != want:
+                    raise ExpertError(
+                        f"adapter {name!r} at {path} does not fit this backbone: {key} has shape {list(shape)} but "
+                        f"{module_name} maps {base.in_features} -> {base.out_features} (trained on another base?)")
 
     @property
     def adapter_names(self) -> list[str]:

@@ -116,6 +116,8 @@ class Probe(BaseModel):
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ProbeError(f"probe file {path} does not exist; build one with `es-merging probe build`") from None
+        except OSError as exc:  # a directory, no permission...
+            raise ProbeError(f"probe file {path} cannot be read ({exc.strerror or exc})") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise ProbeError(f"probe file {path} is not valid JSON ({exc})") from None
         if not isinstance(data, dict) or data.get("format") != PROBE_FORMAT:
@@ -204,11 +206,13 @@ def build_probe(
             sample = raw if isinstance(raw, ProbeSample) else ProbeSample.model_validate(raw)
             valid.append(_validate_sample(sample, index, protein_policy))
         except (EsMergingError, ValueError) as exc:
-            skipped.append({"index": index, "error": str(exc)})
+            item_id = raw.id if isinstance(raw, ProbeSample) else raw.get("id") if isinstance(raw, dict) else None
+            skipped.append({"index": index, "id": item_id, "error": str(exc)})
         if index >= MAX_PROBE_SAMPLES * 10:
             raise ProbeError(f"more than {MAX_PROBE_SAMPLES * 10} candidate samples; pre-filter the table")
     if skipped and not skip_invalid:
-        shown = "; ".join(f"sample {s['index']}: {s['error']}" for s in skipped[:5])
+        shown = "; ".join(f"sample {s['index']}" + (f" ({s['id']})" if s["id"] else "") + f": {s['error']}"
+                          for s in skipped[:5])
         more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
         raise ProbeError(f"{len(skipped)} invalid probe sample(s): {shown}{more}. Fix them or pass skip_invalid")
     if not valid:
@@ -258,9 +262,12 @@ def samples_from_table(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ProbeError(f"table {path} does not exist")
     with path.open(newline="") as fh:
-        head = fh.read(4096)
+        header = fh.readline()
         fh.seek(0)
-        delimiter = "\t" if head.count("\t") > head.count(",") and "\t" in head.splitlines()[0] else ","
+        if not header.strip():
+            raise ProbeError(f"table {path} is empty; its first line must name the columns smiles, protein, cell")
+        # decide by the header only: the cell column's gene lists hold commas in a TSV too
+        delimiter = "\t" if header.count("\t") > header.count(",") else ","
         reader = csv.DictReader(fh, delimiter=delimiter)
         columns = {c.strip().lower(): c for c in reader.fieldnames or []}
         wanted = [c for c in ("smiles", "protein", "cell") if c in columns]
