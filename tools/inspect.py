@@ -54,8 +54,7 @@ def inspect_molecules(state: "AppState", inp: InspectMoleculesInput) -> InspectO
 class InspectProteinsInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sequences: list[str] = Field(min_length=1, description="raw one-letter sequences or FASTA text")
-    policy: Literal["replace", "reject", "keep"] = Field(
-        "replace", description="ambiguous residues X/B/Z/U/O")
+    policy: Literal["keep", "replace", "reject"] = Field("keep", description="ambiguous residues X/B/Z/U/O")
 
 
 def inspect_proteins(state: "AppState", inp: InspectProteinsInput) -> InspectOutput:
@@ -86,7 +85,10 @@ def inspect_cell_profiles(state: "AppState", inp: InspectCellsInput) -> InspectO
     mod = import_backend("inspect_cell_profiles", "es_merging.modalities.cell")
     if inp.h5ad_path is not None:
         path = state.input_path(inp.h5ad_path, "h5ad_path", kind="file")
-        items: list[Any] = mod.cells_from_h5ad(path, obs=inp.obs, limit=None if inp.obs else inp.limit)
+        request: dict[str, Any] = {"h5ad": str(path), "limit": None if inp.obs else inp.limit}
+        if inp.obs:
+            request["obs"] = inp.obs
+        items: list[Any] = [request]  # expands to one result per cell
     else:
         items = list(inp.profiles or [])
     return _output(mod.inspect_cell_profiles(items, top_k=inp.top_k, max_items=state.settings.max_list))

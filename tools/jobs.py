@@ -160,7 +160,6 @@ def start_merge(state: "AppState", inp: StartMergeInput) -> JobHandle:
     from es_merging.experts import load_expert_spec
     from es_merging.options import MergeOptions
 
-    import_backend("start_merge", "es_merging.merge_api")
     methods = import_backend("start_merge", "es_merging.methods")
     method = methods.get_method(inp.method, **inp.params)  # validates name and parameters now
     rows = [state.expert_row(ref) for ref in inp.experts]
@@ -193,6 +192,7 @@ def start_merge(state: "AppState", inp: StartMergeInput) -> JobHandle:
         probe=probe_path, out=final, overwrite=inp.overwrite, seed=inp.seed, rank=inp.rank,
         shard_size_mb=inp.shard_size_mb, batch_size=inp.batch_size, device=inp.device,
     )
+    import_backend("start_merge", "es_merging.merge_api")  # after the argument checks: they teach more
     final.parent.mkdir(parents=True, exist_ok=True)
     params = {"options": json.loads(options.model_dump_json()), "final_out": str(final), "model_id": model_id,
               "overwrite": inp.overwrite, "experts": ids, "method": inp.method}

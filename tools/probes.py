@@ -90,6 +90,9 @@ def build_probe(state: "AppState", inp: BuildProbeInput) -> BuildProbeOutput:
             source = f"table:{path.name}"
         else:
             raw = [s.model_dump(exclude_none=True) for s in inp.samples or []]
+            for sample in raw:
+                if isinstance(sample.get("cell"), str):
+                    sample["cell"] = [g.strip() for g in sample["cell"].split(",") if g.strip()]
             source = "explicit"
         state.check_sizes(raw)
         n_candidates = len(raw)
