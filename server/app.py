@@ -157,21 +157,38 @@ class AppState:
         return row
 
     def load_model(self, model_id: str) -> tuple[dict[str, Any], Any]:
+        """A registered model, loaded once and cached (merged models via ``es_merging.load_model``,
+        the zoo's base and experts via ``es_merging.predict.load_zoo_model``)."""
         row = self.model_row(model_id)
         path = Path(row["path"])
         if not path.is_dir():
             raise ExpertError(f"model {model_id!r}: its directory {path} no longer exists")
         from tools import import_backend
 
-        es_merging = import_backend("loading a model", "es_merging")
-        loader = getattr(es_merging, "load_model")
-        try:
-            import es_merging.artifact  # noqa: F401  (load_model's backend)
-        except ImportError as exc:
-            from tools import backend_missing
+        spec = model_spec(row)
+        if spec["kind"] == "zoo":
+            predict = import_backend("loading a model", "es_merging.predict")
+            return row, self.models.get(model_id, path, lambda _p: predict.load_zoo_model(spec["zoo_dir"], spec["expert"]))
+        artifact = import_backend("loading a model", "es_merging.artifact")
+        return row, self.models.get(model_id, path, artifact.load_model)
 
-            raise backend_missing("loading a model", "es_merging.artifact", exc) from None
-        return row, self.models.get(model_id, path, loader)
+
+def model_spec(row: dict[str, Any]) -> dict[str, Any]:
+    """How to load a registered model, as plain data (the screening worker process loads it too)."""
+    path = Path(row["path"])
+    if row["kind"] in ("base", "expert") and (path.parent / "zoo.json").is_file():
+        return {"kind": "zoo", "zoo_dir": str(path.parent), "expert": "base" if row["kind"] == "base" else path.name}
+    return {"kind": "merged", "path": str(path)}
+
+
+def load_from_spec(spec: dict[str, Any]) -> Any:
+    if spec["kind"] == "zoo":
+        from es_merging.predict import load_zoo_model
+
+        return load_zoo_model(spec["zoo_dir"], spec["expert"])
+    from es_merging.artifact import load_model
+
+    return load_model(spec["path"])
 
 
 def create_server(settings: Settings | None = None) -> MCPServer:

@@ -488,12 +488,21 @@ def merge_work(params: dict[str, Any], *, progress, cancel, workdir: Path) -> di
 
 
 def screen_work(params: dict[str, Any], *, progress, cancel, workdir: Path) -> dict[str, Any]:
-    """Run a screening into ``workdir/results.csv`` (ranked)."""
-    from es_merging import predict
+    """Rank a screen with ``es_merging.screen.screen`` into ``workdir/results.csv``."""
+    from es_merging.screen import screen
+    from server.app import load_from_spec
 
+    progress("load model", 0, 1)
+    model = load_from_spec(params["model_spec"])
+    progress("load model", 1, 1)
+    s = params["screen"]
     out = workdir / "results.csv"
-    summary = predict.screen_to_csv(out_path=out, progress=progress, cancel=cancel, **params["screen"])
-    return {"staged": str(out), "summary": summary if isinstance(summary, dict) else {}}
+    result = screen(model, s["task"], out=out, smiles=s.get("smiles"), proteins=s.get("proteins"),
+                    cells=s.get("cells"), triples=s.get("triples"), option=s.get("rank_by"),
+                    limit=int(s["max_rows"]), progress=progress, show=10)
+    summary = result.model_dump(exclude={"out", "top"})
+    summary["invalid"] = summary["invalid"][:50]
+    return {"staged": str(out), "summary": summary}
 
 
 def zoo_work(params: dict[str, Any], *, progress, cancel, workdir: Path) -> dict[str, Any]:

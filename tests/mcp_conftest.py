@@ -98,12 +98,13 @@ def fake_merged_model(root: Path, name: str = "merged") -> Path:
     path = root / name
     path.mkdir(parents=True)
     (path / "README.md").write_text(f"# {name}\n\nA merged model.\n")
-    (path / "report.json").write_text(json.dumps({"timings_s": {"signals": 1.5, "merge": 0.5}}))
+    (path / "report.json").write_text(json.dumps({"timings": {"signals": 1.5, "merge": 0.5}}))
     (path / "layer_coefficients.png").write_bytes(tiny_png())
-    (path / "es_merging.json").write_text(json.dumps({
-        "method": "es", "mode": "factor", "params": {"temperature": 0.5},
+    (path / "es_merging.json").write_text(json.dumps({  # the shape es_merging.artifact writes
+        "format": "es-merging-model/1", "method": {"name": "es", "params": {"temperature": 0.5}}, "mode": "factor",
         "experts": [{"name": "mol", "modality": "molecule"}, {"name": "prot", "modality": "protein"}],
-        "probe": {"hash": "sha256:abc"}, "base_hash": "sha256:def"}))
+        "probe": {"path": "/x/probe.json", "hash": "sha256:abc"}, "base": {"hash": "sha256:def", "bundled": False},
+        "timings": {"signals": 1.5, "merge": 0.5}}))
     lam = torch.tensor([[0.7, 0.6, 0.2, 0.1], [0.3, 0.4, 0.8, 0.9]])
     save_file({"lam": lam}, str(path / "coefficients.safetensors"))
     return path

@@ -325,7 +325,7 @@ async def test_models_describe_and_resources(make_server, tmp_path):
         card = await c.read_resource("esm://models/merged/card")
         assert card.contents[0].text.startswith("# merged") and card.contents[0].mime_type == "text/markdown"
         report = await c.read_resource("esm://models/merged/report")
-        assert json.loads(report.contents[0].text)["timings_s"]["merge"] == 0.5
+        assert json.loads(report.contents[0].text)["timings"]["merge"] == 0.5
         png = await c.read_resource("esm://models/merged/heatmap.png")
         assert png.contents[0].mime_type == "image/png"
         assert base64.b64decode(png.contents[0].blob).startswith(b"\x89PNG")

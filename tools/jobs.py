@@ -238,7 +238,7 @@ def _merge_done(runner: "JobRunner", row: dict[str, Any], result: dict[str, Any]
     except (OSError, ValueError):
         pass
     meta = {"method": params.get("method"), "experts": params.get("experts"), "mode": manifest.get("mode"),
-            "base_hash": manifest.get("base_hash")}
+            "base_hash": (manifest.get("base") or {}).get("hash")}
     state.store.add_model(model_id, name=model_id, path=str(final), kind="merged", job_id=row["id"], meta=meta,
                           replace=bool(existing))
     return {"model_id": model_id, "path": str(final), "resources": model_resources(model_id)}
@@ -277,6 +277,9 @@ class StartScreenInput(BaseModel):
 def start_screen(state: "AppState", inp: StartScreenInput) -> JobHandle:
     assert state.store is not None and state.runner is not None
     predict = import_backend("start_screen", "es_merging.predict")
+    import_backend("start_screen", "es_merging.screen")
+    from server.app import model_spec
+
     model = state.model_row(inp.model)
     limit = min(inp.max_rows, state.settings.max_screen_rows)
     if inp.triples is not None:
@@ -292,18 +295,27 @@ def start_screen(state: "AppState", inp: StartScreenInput) -> JobHandle:
         raise InvalidInputError(f"<{n_rows} rows>", f"the screen has {n_rows} rows; the limit is {limit}",
                                 "shorten the lists, raise max_rows (server limit "
                                 f"{state.settings.max_screen_rows}) or split the screen")
-    tasks = getattr(predict, "TASKS", None)
-    if isinstance(tasks, dict) and inp.task not in tasks:
-        raise InvalidInputError(inp.task, "unknown task", f"choose one of {sorted(tasks)}")
+    task = predict.get_task(inp.task)  # unknown task: an error naming the built-in ones
+    if inp.rank_by is not None and inp.rank_by not in task.options:
+        raise InvalidInputError(inp.rank_by, f"not an answer option of task {task.name!r}", f"choose one of {list(task.options)}")
+    if inp.triples is None:
+        used = set(task.modalities) | set(task.optional_modalities)
+        given = {"molecule": inp.smiles, "protein": inp.proteins, "cell": inp.cells}
+        missing = [m for m in task.modalities if not given[m]]
+        extra = [m for m, v in given.items() if v and m not in used]
+        if missing or extra:
+            raise InvalidInputError(inp.task, f"task needs {list(task.modalities)} (optional {list(task.optional_modalities)})",
+                                    f"missing {missing}" if missing else f"drop {extra}")
     if inp.name is not None:
         check_id(inp.name, "screen name")
     screen = {
-        "model_path": model["path"], "task": inp.task, "rank_by": inp.rank_by, "max_rows": limit,
+        "task": inp.task, "rank_by": inp.rank_by, "max_rows": limit,
         "smiles": inp.smiles, "proteins": inp.proteins, "cells": inp.cells,
         "triples": [t.model_dump() for t in inp.triples] if inp.triples is not None else None,
     }
     out_parent = state.settings.data_home / "screens"
-    row = state.runner.submit("screen", {"screen": screen, "model": model["id"], "rows": n_rows},
+    row = state.runner.submit("screen", {"screen": screen, "model": model["id"], "model_spec": model_spec(model),
+                                         "rows": n_rows},
                               name=inp.name, staging_parent=out_parent)
     return job_handle(state.runner.get(row["id"]))  # type: ignore[arg-type]
 
@@ -326,7 +338,10 @@ def _screen_done(runner: "JobRunner", row: dict[str, Any], result: dict[str, Any
                 top.append({k: (v[:60] + "...") if isinstance(v, str) and len(v) > 63 else v for k, v in rec.items()})
             n += 1
     uri = f"esm://screens/{row['id']}/results.csv"
-    return {"rows": n, "top": top, "uri": uri, "summary": result.get("summary", {}),
+    summary = result.get("summary", {})
+    return {"rows": n, "top": top, "uri": uri, "model": row["params"].get("model"), "task": summary.get("task"),
+            "ranked_by": summary.get("option"), "invalid": summary.get("invalid", [])[:20],
+            "failed": summary.get("failed", 0), "seconds": summary.get("seconds"),
             "resources": [{"uri": uri, "name": f"screen {row['id'][:8]} results", "mime_type": "text/csv"}]}
 
 

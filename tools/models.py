@@ -117,7 +117,11 @@ def describe_model(state: "AppState", inp: DescribeModelInput) -> DescribeModelO
     if not path.is_dir():
         raise EsMergingError(f"model {inp.model_id!r}: its directory {path} no longer exists")
     manifest = _read_json(path / "es_merging.json")
-    report = _read_json(path / "report.json")
+    method = manifest.get("method")
+    method_name = method.get("name") if isinstance(method, dict) else method
+    params = (method.get("params") if isinstance(method, dict) else manifest.get("params")) or {}
+    base = manifest.get("base")
+    probe = manifest.get("probe")
     lam = _lambda(path)
     experts: list[ExpertWeight] = []
     for e, spec in enumerate(manifest.get("experts") or []):
@@ -130,15 +134,14 @@ def describe_model(state: "AppState", inp: DescribeModelInput) -> DescribeModelO
     if row["kind"] == "expert" and not experts:
         spec = _read_json(path / "expert.json")
         experts = [ExpertWeight(name=spec.get("name", row["id"]), modality=spec.get("modality"))]
-    timings = report.get("timings_s") or manifest.get("timings_s") or {}
+    timings = manifest.get("timings") or _read_json(path / "report.json").get("timings") or {}
     resources = [r["uri"] for r in model_resources(row["id"])] if row["kind"] == "merged" else []
-    probe = manifest.get("probe")
     return DescribeModelOutput(
-        id=row["id"], kind=row["kind"], path=str(path), method=manifest.get("method") or row["meta"].get("method"),
-        mode=manifest.get("mode"), params=manifest.get("params") or manifest.get("hyperparameters") or {},
-        experts=experts, layer_coefficients=lam if lam is not None and len(lam) * len(lam[0]) <= 2048 else None,
-        probe_hash=(probe.get("hash") if isinstance(probe, dict) else probe) or manifest.get("probe_hash"),
-        base_hash=manifest.get("base_hash") or row["meta"].get("base_hash"),
+        id=row["id"], kind=row["kind"], path=str(path), method=method_name or row["meta"].get("method"),
+        mode=manifest.get("mode"), params=params, experts=experts,
+        layer_coefficients=lam if lam is not None and len(lam) * len(lam[0]) <= 2048 else None,
+        probe_hash=probe.get("hash") if isinstance(probe, dict) else None,
+        base_hash=(base.get("hash") if isinstance(base, dict) else None) or row["meta"].get("base_hash"),
         timings_s={k: float(v) for k, v in timings.items() if isinstance(v, (int, float))},
         files=sorted(p.name for p in path.iterdir())[:50], resources=resources,
     )
@@ -157,18 +160,19 @@ class PredictItem(BaseModel):
 class PredictInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(description="model id")
-    task: str = Field("triple_effect", description="dti, drug_response, triple_effect or a zoo task")
+    task: str = Field("triple_effect", description="dti, drug_response, triple_effect or embedded")
     items: list[PredictItem] = Field(min_length=1, max_length=MAX_PREDICT_ITEMS)
-    k_support: int = Field(0, ge=0, le=16, description="labelled examples retrieved by similarity")
+    support: list[dict[str, Any]] | None = Field(None, description="labelled examples: smiles/protein/cell + answer")
+    k: int = Field(0, ge=0, le=16, description="support examples per query, nearest first")
 
 
 class Prediction(BaseModel):
     index: int
     ok: bool
     error: str | None = None
-    answer: str | None = None
+    choice: str | None = None
     probabilities: dict[str, float] | None = None
-    rationale: str | None = None
+    slots: dict[str, str] | None = Field(None, description="descriptors the model stated first (tasks with slots)")
 
 
 class PredictOutput(BaseModel):
@@ -180,14 +184,16 @@ class PredictOutput(BaseModel):
 
 def predict_interaction(state: "AppState", inp: PredictInput) -> PredictOutput:
     predict = import_backend("predict_interaction", "es_merging.predict")
-    tasks = getattr(predict, "TASKS", None)
-    if isinstance(tasks, dict) and inp.task not in tasks:
-        raise InvalidInputError(inp.task, "unknown task", f"choose one of {sorted(tasks)}")
+    task = predict.get_task(inp.task)  # unknown task: an error naming the built-in ones
+    if inp.k and not inp.support:
+        raise InvalidInputError(inp.k, "k > 0 needs support examples", "pass support or set k=0")
     row, model = state.load_model(inp.model)
     items = [i.model_dump(exclude_none=True) for i in inp.items]
-    result = predict.predict_items(model, inp.task, items, k_support=inp.k_support)
-    preds = [Prediction.model_validate(p if isinstance(p, dict) else p.model_dump()) for p in result["predictions"]]
-    return PredictOutput(model=row["id"], task=inp.task, options=list(result.get("options", [])), predictions=preds)
+    preds = predict.predict(model, items, task, support=inp.support, k=inp.k)
+    out = [Prediction(index=p.index, ok=p.ok, error=p.error, choice=p.choice,
+                      probabilities={k: round(v, 6) for k, v in p.probabilities.items()} if p.ok else None,
+                      slots=p.slots or None) for p in preds]
+    return PredictOutput(model=row["id"], task=task.name, options=list(task.options), predictions=out)
 
 
 def register(server: "MCPServer", state: "AppState") -> None:
