@@ -1,0 +1,345 @@
+"""The embedded zoo: files on disk, zoo.json, the world (reproducible, balanced, every modality
+needed, held-out entities disjoint) and the build's refusal/atomicity."""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from es_merging.errors import EsMergingError
+from es_merging.experts import base_hash
+from es_merging.zoo.world import (
+    ANSWERS,
+    CELL_TOP_K,
+    DESCRIPTORS,
+    MODALITIES,
+    PROTEIN_LENGTH,
+    World,
+    cell_descriptor,
+    interactive_rule,
+    molecule_descriptor,
+    protein_descriptor,
+)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def test_zoo_layout_is_safetensors_only(zoo_dir):
+    names = sorted(p.name for p in zoo_dir.iterdir())
+    assert names == ["base", "cell", "molecule", "protein", "zoo.json"]
+    every = [p for p in zoo_dir.rglob("*") if p.is_file()]
+    assert not [p for p in every if p.suffix in PICKLE_SUFFIXES]
+    assert not [p for p in zoo_dir.rglob(".*")], "temporary files left behind"
+    for p in every:  # every weight file really is safetensors (an 8-byte header length + JSON)
+        if p.suffix == ".safetensors":
+            head = p.read_bytes()[:9]
+            assert head[8:9] == b"{", p
+    base = zoo_dir / "base"
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (base / f).is_file(), f
+    cfg = json.loads((base / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["num_hidden_layers"] == 2 and cfg["hidden_size"] == 64
+    digest = base_hash(base)
+    for m in MODALITIES:
+        d = zoo_dir / m
+        for f in ("adapter_config.json", "adapter_model.safetensors", "expert.json"):
+            assert (d / f).is_file(), f"{m}/{f}"
+        manifest = json.loads((d / "expert.json").read_text())
+        assert manifest["format"] == "es-merging-expert/1"
+        assert manifest["modality"] == m and manifest["name"] == m and manifest["kind"] == "lora"
+        assert manifest["base_hash"] == digest
+        adapter = json.loads((d / "adapter_config.json").read_text())
+        assert adapter["peft_type"] == "LORA" and adapter["r"] == 4
+        assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"}
+        if m == "cell":
+            assert manifest["encoder"] is None and not (d / "encoder").exists()
+        else:
+            assert manifest["encoder"] == "encoder"
+            enc = json.loads((d / "encoder" / "config.json").read_text())
+            assert enc["modality"] == m and enc["type"] == {"molecule": "fingerprint", "protein": "esm"}[m]
+            assert enc["hidden_size"] == 64
+            assert (d / "encoder" / "model.safetensors").is_file()
+
+
+def test_zoo_adapters_hold_every_layer(zoo_dir):
+    from safetensors import safe_open
+
+    for m in MODALITIES:
+        with safe_open(str(zoo_dir / m / "adapter_model.safetensors"), framework="pt") as fh:
+            keys = list(fh.keys())
+            # 2 layers x 7 modules x (A, B)
+            assert len(keys) == 2 * 7 * 2
+            assert all(".lora_A." in k or ".lora_B." in k for k in keys)
+            # trained: no lora_B left at its zero initialisation
+            for k in keys:
+                if ".lora_B." in k:
+                    assert fh.get_tensor(k).abs().sum() > 0, k
+
+
+def test_zoo_json_quality(zoo_dir):
+    report = json.loads((zoo_dir / "zoo.json").read_text())
+    assert report["format"] == "es-merging-zoo/1"
+    assert report["preset"]["name"] == "test" and report["seed"] == 0
+    assert report["base_hash"] == base_hash(zoo_dir / "base")
+    assert report["world"]["seed"] == 0 and report["world"]["descriptors"] == {k: list(v) for k, v in DESCRIPTORS.items()}
+    q = report["quality"]
+    assert set(q) == {"base", *MODALITIES, "chance"}
+    for model in ("base", *MODALITIES):
+        for spans in ("raw", "text"):
+            r = q[model][spans]
+            assert r["n"] == report["preset"]["eval_n"]
+            assert set(r["slot_accuracy"]) == set(MODALITIES)
+            for v in [*r["slot_accuracy"].values(), r["answer_accuracy"]]:
+                assert 0.0 <= v <= 1.0
+                assert v * r["n"] == pytest.approx(round(v * r["n"]), abs=0.01)  # a fraction of n
+    assert q["chance"] == {"slot_accuracy": {"molecule": 0.5, "protein": 0.3333, "cell": 0.3333}, "answer_accuracy": 0.5}
+    # even the test preset learns something: the base copies true descriptors into their slots,
+    # and the molecule expert reads the fingerprint soft tokens far above chance
+    assert min(q["base"]["text"]["slot_accuracy"].values()) >= 0.9
+    assert q["molecule"]["raw"]["slot_accuracy"]["molecule"] >= 0.7
+    gates = report["gates"]
+    assert set(gates) >= {"base_text_answer_ge_0.95", "all_pass"}
+    assert gates["all_pass"] == all(v for k, v in gates.items() if k != "all_pass")
+    assert gates["base_text_answer_ge_0.95"] == (q["base"]["text"]["answer_accuracy"] >= 0.95)
+    for key in ("world_and_tokenizer", "base", "experts", "evaluate", "total"):
+        assert report["timings_s"][key] >= 0
+    assert report["versions"]["torch"] and report["training"]["base"]["steps"] == report["preset"]["base_steps"]
+
+
+def test_zoo_tokenizer(zoo_dir):
+    from transformers import AutoTokenizer
+
+    from es_merging.probe import CHAT_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(str(zoo_dir / "base"))
+    assert tok.chat_template == CHAT_TEMPLATE
+    for t in ("<mol>", "<prot>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"):
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and tok.convert_ids_to_tokens(ids[0]) == t
+    # byte-level: nothing outside the world is ever unknown
+    text = " ZNF_unknown-gene, Ωμέγα 42"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id is None or tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+
+
+# ----------------------------------------------------------------------------- world
+
+
+def _fingerprint(world: World) -> str:
+    payload = json.dumps({split: {m: [(e.raw, e.descriptor) for e in es] for m, es in getattr(world, split).items()}
+                          for split in ("train", "heldout")}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return World.generate(0, per_class=20)
+
+
+def test_world_is_reproducible(world):
+    again = World.generate(0, per_class=20)
+    assert _fingerprint(again) == _fingerprint(world)
+    other = World.generate(1, per_class=20)
+    for m in MODALITIES:
+        assert {e.raw for e in other.train[m]} != {e.raw for e in world.train[m]}
+    a = [(s.molecule.raw, s.protein.raw, s.cell.raw) for s in world.samples(20, "train", seed=5)]
+    b = [(s.molecule.raw, s.protein.raw, s.cell.raw) for s in world.samples(20, "train", seed=5)]
+    c = [(s.molecule.raw, s.protein.raw, s.cell.raw) for s in world.samples(20, "train", seed=6)]
+    assert a == b and a != c
+
+
+def test_world_is_reproducible_across_processes(world):
+    code = ("from es_merging.zoo.world import World; import hashlib, json; w = World.generate(0, per_class=20); "
+            "print(hashlib.sha256(json.dumps({s: {m: [(e.raw, e.descriptor) for e in es] for m, es in "
+            "getattr(w, s).items()} for s in ('train', 'heldout')}, sort_keys=True).encode()).hexdigest())")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == _fingerprint(world)
+
+
+def test_zoo_world_is_regenerated_from_zoo_json(zoo_dir):
+    from es_merging.zoo import zoo_world
+
+    report = json.loads((zoo_dir / "zoo.json").read_text())
+    w = zoo_world(zoo_dir)
+    assert {m: len(v) for m, v in w.train.items()} == report["world"]["train_entities"]
+    assert {m: len(v) for m, v in w.heldout.items()} == report["world"]["heldout_entities"]
+    assert _fingerprint(w) == _fingerprint(World.generate(report["world"]["seed"], per_class=report["world"]["per_class"]))
+
+
+def test_zoo_report_errors(tmp_path):
+    from es_merging.zoo import load_zoo_report
+
+    with pytest.raises(EsMergingError, match="zoo.json not found: build the zoo first"):
+        load_zoo_report(tmp_path)
+    (tmp_path / "zoo.json").write_text("{")
+    with pytest.raises(EsMergingError, match="not valid JSON"):
+        load_zoo_report(tmp_path)
+
+
+def test_every_answer_needs_all_three_descriptors():
+    triples = list(itertools.product(*(DESCRIPTORS[m] for m in MODALITIES)))
+    assert len(triples) == 18
+    answers = {t: interactive_rule(*t) for t in triples}
+    assert set(answers.values()) == set(ANSWERS)
+    assert sum(a == "Yes" for a in answers.values()) == 9  # balanced over the triples
+    for t in triples:
+        for i, m in enumerate(MODALITIES):
+            flipped = {answers[t[:i] + (alt,) + t[i + 1:]] for alt in DESCRIPTORS[m] if alt != t[i]}
+            assert any(a != answers[t] for a in flipped), f"flipping the {m} of {t} can never change the answer"
+    # no pair of modalities decides the answer on its own
+    for i, j in itertools.combinations(range(3), 2):
+        k = 3 - i - j
+        for t in triples:
+            varied = {answers[u] for u in triples if u[i] == t[i] and u[j] == t[j]}
+            assert varied == set(ANSWERS), f"{MODALITIES[k]} is not needed for {t}"
+
+
+def test_answers_are_balanced_in_samples(world):
+    for split in ("train", "heldout"):
+        samples = world.samples(900, split, seed=0)
+        yes = sum(s.answer == "Yes" for s in samples) / len(samples)
+        assert 0.44 <= yes <= 0.56, (split, yes)
+        for m in MODALITIES:
+            counts = {d: sum(s.entity(m).descriptor == d for s in samples) for d in DESCRIPTORS[m]}
+            assert min(counts.values()) >= 0.7 * len(samples) / len(DESCRIPTORS[m]), (m, counts)
+        for s in samples:
+            assert s.answer == interactive_rule(s.molecule.descriptor, s.protein.descriptor, s.cell.descriptor)
+
+
+def test_heldout_entities_are_disjoint_from_training(world):
+    for m in MODALITIES:
+        train = {e.raw for e in world.train[m]}
+        held = {e.raw for e in world.heldout[m]}
+        assert train and held and not train & held, m
+        assert len(train) == len(world.train[m]) and len(held) == len(world.heldout[m])  # no duplicates either
+        for d in DESCRIPTORS[m]:  # every class in both splits, about a quarter held out
+            n_train = sum(e.descriptor == d for e in world.train[m])
+            n_held = sum(e.descriptor == d for e in world.heldout[m])
+            assert n_held == 5 and n_train == 15
+        samples = world.samples(200, "heldout", seed=1)
+        assert {s.entity(m).raw for s in samples} <= held
+        assert {s.entity(m).raw for s in world.samples(200, "train", seed=1)} <= train
+
+
+def test_descriptor_functions_agree_with_labels(world):
+    from rdkit import Chem
+
+    for split in ("train", "heldout"):
+        entities = getattr(world, split)
+        for e in entities["molecule"]:
+            assert molecule_descriptor(e.raw) == e.descriptor
+            assert Chem.MolToSmiles(Chem.MolFromSmiles(e.raw)) == e.raw  # canonical
+        for e in entities["protein"]:
+            assert protein_descriptor(e.raw) == e.descriptor
+            assert PROTEIN_LENGTH[0] + 1 <= len(e.raw) <= PROTEIN_LENGTH[1] + 1 and e.raw[0] == "M"
+            assert set(e.raw) <= set("ACDEFGHIKLMNPQRSTVWY")
+        for e in entities["cell"]:
+            assert cell_descriptor(e.raw) == e.descriptor
+            assert len(e.raw) == CELL_TOP_K == len(set(e.raw))
+    # the descriptors themselves: margins and ambiguity
+    assert molecule_descriptor("CCCCCCCCCCCC") == "lipophilic"
+    assert molecule_descriptor("OCC(O)CO") == "hydrophilic"
+    assert molecule_descriptor("c1ccccc1") is None  # LogP ~1.7: inside the margin
+    assert molecule_descriptor("C1CC") is None
+    assert protein_descriptor("MAAAGSGAFGEVAAA") == "kinase"
+    assert protein_descriptor("MGSGAFGEVDRYLAIVH") is None  # two families
+    assert protein_descriptor("MAAAA") is None
+    assert cell_descriptor(["CD3D", "CD3E", "CD14", "ACTB"]) == "T-cell"
+    assert cell_descriptor(["CD3D", "CD14"]) is None  # tie
+    assert cell_descriptor(["ACTB", "GAPDH"]) is None
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def test_build_refuses_an_existing_dir(tmp_path, capsys):
+    from es_merging.cli import main
+    from es_merging.zoo.build import build_zoo
+
+    out = tmp_path / "zoo"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(EsMergingError, match="already exists; choose another --out or pass --overwrite"):
+        build_zoo(out, preset="test")
+    assert main(["zoo", "build", "--preset", "test", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo"]
+    assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(EsMergingError, match="unknown zoo preset 'huge'"):
+        build_zoo(tmp_path / "other", preset="huge")
+
+
+def _fast_training(monkeypatch, fail_in: str | None = None, exc: type[BaseException] = RuntimeError):
+    """Replace training and evaluation by no-ops (the real ones are covered by the session zoo)."""
+    import es_merging.zoo.evaluate as evaluate_mod
+    import es_merging.zoo.train as train_mod
+
+    calls: list[str] = []
+
+    def fake_base(model, world, **kw):
+        calls.append("base")
+        if fail_in == "base":
+            raise exc("interrupted in base training")
+        return {"steps": 0}
+
+    def fake_experts(model, world, experts, **kw):
+        calls.append("experts")
+        if fail_in == "experts":
+            raise exc("interrupted in expert training")
+        return {"steps": 0}
+
+    def fake_evaluate(zoo_dir, world, **kw):
+        calls.append("evaluate")
+        if fail_in == "evaluate":
+            raise exc("interrupted in evaluation")
+        assert sorted(p.name for p in Path(zoo_dir).iterdir()) == ["base", "cell", "molecule", "protein"]
+        r = {"slot_accuracy": {m: 0.5 for m in MODALITIES}, "answer_accuracy": 0.5, "n": 1}
+        return {k: {"raw": r, "text": r} for k in ("base", *MODALITIES)} | {"chance": r}
+
+    monkeypatch.setattr(train_mod, "train_base", fake_base)
+    monkeypatch.setattr(train_mod, "train_experts", fake_experts)
+    monkeypatch.setattr(evaluate_mod, "evaluate_zoo", fake_evaluate)
+    return calls
+
+
+@pytest.mark.parametrize("fail_in,exc", [("base", RuntimeError), ("experts", KeyboardInterrupt),
+                                         ("evaluate", RuntimeError)])
+def test_interrupted_build_leaves_no_directory(tmp_path, monkeypatch, fail_in, exc):
+    from es_merging.zoo.build import build_zoo
+
+    calls = _fast_training(monkeypatch, fail_in, exc)
+    out = tmp_path / "zoo"
+    with pytest.raises(exc, match="interrupted"):
+        build_zoo(out, preset="test", seed=0)
+    assert calls[-1] == fail_in
+    assert list(tmp_path.iterdir()) == [], "a half-built zoo or its temporary directory was left behind"
+
+
+def test_overwrite_replaces_atomically_via_cli(tmp_path, monkeypatch, capsys):
+    from es_merging.cli import main
+
+    calls = _fast_training(monkeypatch)
+    out = tmp_path / "zoo"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert main(["zoo", "build", "--preset", "test", "--out", str(out), "--overwrite", "--seed", "3"]) == 0
+    assert calls == ["base", "experts", "evaluate"]
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["preset"] == "test" and summary["seed"] == 3 and "all_pass" in summary["gates"]
+    assert sorted(p.name for p in out.iterdir()) == ["base", "cell", "molecule", "protein", "zoo.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo"]
+    report = json.loads((out / "zoo.json").read_text())
+    assert report["seed"] == 3 and report["world"]["seed"] == 3
+    assert report["base_hash"] == base_hash(out / "base")
