@@ -261,7 +261,15 @@ def samples_from_table(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ProbeError(f"table {path} does not exist")
-    with path.open(newline="") as fh:
+    try:
+        return _read_table(path)
+    except UnicodeDecodeError as exc:
+        raise ProbeError(f"table {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _read_table(path: Path) -> list[dict[str, Any]]:
+    # utf-8-sig: spreadsheet exports start with a byte-order mark that would hide the first column
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         header = fh.readline()
         fh.seek(0)
         if not header.strip():

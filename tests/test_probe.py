@@ -154,6 +154,13 @@ def test_table_tsv_with_gene_lists_and_column_case(tmp_path):
     ]
 
 
+def test_table_with_byte_order_mark(tmp_path):
+    # spreadsheet exports start with a BOM: the first column must still be found
+    path = tmp_path / "excel.csv"
+    path.write_bytes("smiles,protein\n".encode("utf-8-sig") + f"{ASPIRIN},{PROT_A}\n".encode())
+    assert samples_from_table(path) == [{"smiles": ASPIRIN, "protein": PROT_A, "id": "row2"}]
+
+
 def test_table_errors(tmp_path):
     with pytest.raises(ProbeError, match="does not exist"):
         samples_from_table(tmp_path / "nope.csv")
@@ -163,6 +170,9 @@ def test_table_errors(tmp_path):
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(ProbeError, match="empty"):
         samples_from_table(tmp_path / "empty.csv")
+    (tmp_path / "utf16.csv").write_bytes("smiles\nCCO\n".encode("utf-16"))
+    with pytest.raises(ProbeError, match="not UTF-8 text"):
+        samples_from_table(tmp_path / "utf16.csv")
 
 
 # ----------------------------------------------------------------------------- sampling
