@@ -83,7 +83,11 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
         files = sorted({model_dir / name for name in weight_map.values()})
     else:
         files = sorted(model_dir.glob("*.safetensors"))
-        files = [f for f in files if f.name != ADAPTER_WEIGHTS]
+        # an unsharded HF checkpoint is model.safetensors alone (as transformers loads it); other
+        # safetensors beside it (a merged model's coefficients.safetensors, an adapter) are not weights
+        if (model_dir / "model.safetensors") in files:
+            files = [model_dir / "model.safetensors"]
+        files = [f for f in files if f.name not in (ADAPTER_WEIGHTS, "coefficients.safetensors")]
     if not files:
         pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
         if pickles:

@@ -221,6 +221,12 @@ def test_base_hash_ignores_sharding_and_sees_every_weight(zoo_dir, tmp_path):
     save_file(dict(reversed(list(state.items()))), str(single / "weights.safetensors"))
     assert base_hash(single) == original
 
+    # other safetensors beside model.safetensors (a merged model's coefficients) are not weights
+    merged = _copy(zoo_dir / "base", tmp_path / "merged-dense", ["config.json", "model.safetensors"])
+    save_file({"lam": torch.ones(3, 2)}, str(merged / "coefficients.safetensors"))
+    assert [f.name for f in checkpoint_files(merged)] == ["model.safetensors"]
+    assert base_hash(merged) == original
+
     # one element of one weight changes -> another hash (same file size: the cache must not hide it)
     key = sorted(state)[len(state) // 2]
     state[key] = state[key].clone()
