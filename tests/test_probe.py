@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from pathlib import Path
 
@@ -178,11 +179,15 @@ def test_table_errors(tmp_path):
 # ----------------------------------------------------------------------------- sampling
 
 
-def _cluster_of(smiles: str) -> str:
+@functools.lru_cache(maxsize=1)
+def _canonical_clusters() -> dict[str, str]:
     from es_merging.modalities.molecule import describe_molecule, parse_molecule
 
-    canon = {describe_molecule(parse_molecule(s))["canonical_smiles"]: c for c, ss in CLUSTERS.items() for s in ss}
-    return canon[smiles]
+    return {describe_molecule(parse_molecule(s))["canonical_smiles"]: c for c, ss in CLUSTERS.items() for s in ss}
+
+
+def _cluster_of(smiles: str) -> str:
+    return _canonical_clusters()[smiles]
 
 
 def test_cluster_fixture_is_well_separated():
