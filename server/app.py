@@ -41,6 +41,7 @@ class ModelRegistry:
         self._models: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+        self._use_locks: dict[str, threading.Lock] = {}
 
     def get(self, model_id: str, path: Path, loader: Any) -> Any:
         with self._lock:
@@ -59,6 +60,11 @@ class ModelRegistry:
                     self._models.popitem(last=False)
                 self._loading.pop(model_id, None)
             return model
+
+    def lock_for(self, model_id: str) -> threading.Lock:
+        """Serialises calls into one loaded model (its caches are not thread-safe)."""
+        with self._lock:
+            return self._use_locks.setdefault(model_id, threading.Lock())
 
     def forget(self, model_id: str) -> None:
         with self._lock:

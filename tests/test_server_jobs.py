@@ -144,3 +144,59 @@ async def test_real_merge_job_cancelled_leaves_nothing(zoo_server, tmp_path):
         assert not list(final.parent.glob(".esm-job-*"))
         r = await c.call_tool("list_models", {"kind": "merged"})
         assert r.structured_content["total"] == 0
+
+
+async def _wait_final(c, job_id: str, budget_s: float = 240) -> dict:
+    deadline = time.monotonic() + budget_s
+    while True:
+        view = (await c.call_tool("get_job", {"job_id": job_id, "wait_s": 20})).structured_content["jobs"][0]
+        if view["state"] not in ("queued", "running") or time.monotonic() > deadline:
+            return view
+
+
+@pytest.mark.slow
+async def test_zoo_merge_describe_predict_screen(zoo_server, zoo_dir):
+    pytest.importorskip("es_merging.merge_api", reason="the merge engine's API is not in this build yet")
+    from es_merging.zoo import probe_from_zoo
+
+    world = [s.model_dump(include={"smiles", "protein", "cell"}) for s in probe_from_zoo(zoo_dir, n=4, seed=7).samples]
+    async with client(zoo_server) as c:
+        r = await c.call_tool("list_experts", {})
+        assert sorted(e["id"] for e in r.structured_content["experts"]) == ["zoo-cell", "zoo-molecule", "zoo-protein"]
+        r = await c.call_tool("build_probe", {"from_zoo": True, "n": 12, "name": "zp"})
+        assert not r.is_error, r.content[0].text
+        r = await c.call_tool("start_merge", {"experts": ["zoo-molecule", "zoo-protein", "zoo-cell"], "method": "es",
+                                              "probe": "zp", "name": "es-zoo"})
+        assert not r.is_error, r.content[0].text
+        view = await _wait_final(c, r.structured_content["job_id"])
+        assert view["state"] == "succeeded", view
+        assert view["result"]["model_id"] == "es-zoo"
+        assert {x["uri"] for x in view["resources"]} >= {"esm://models/es-zoo/heatmap.png"}
+
+        d = (await c.call_tool("describe_model", {"model_id": "es-zoo"})).structured_content
+        assert d["method"] == "es" and len(d["experts"]) == 3 and len(d["layer_coefficients"]) == 3
+        assert sum(e["layers_led"] for e in d["experts"]) == len(d["layer_coefficients"][0])
+        png = await c.read_resource("esm://models/es-zoo/heatmap.png")
+        assert png.contents[0].mime_type == "image/png"
+        card = await c.read_resource("esm://models/es-zoo/card")
+        assert "es" in card.contents[0].text
+
+        r = await c.call_tool("predict_interaction", {"model": "es-zoo", "task": "embedded",
+                                                      "items": world[:2] + [{"smiles": "C1CC"}]})
+        assert not r.is_error, r.content[0].text
+        preds = r.structured_content["predictions"]
+        assert preds[0]["ok"] and abs(sum(preds[0]["probabilities"].values()) - 1) < 1e-4
+        assert preds[2]["ok"] is False and preds[2]["error"]
+        r = await c.call_tool("predict_interaction", {"model": "es-zoo", "task": "nonsense", "items": world[:1]})
+        assert r.is_error and "unknown task" in r.content[0].text
+
+        r = await c.call_tool("start_screen", {"model": "es-zoo", "task": "embedded",
+                                               "smiles": [w["smiles"] for w in world[:2]],
+                                               "proteins": [w["protein"] for w in world[:2]],
+                                               "cells": [world[0]["cell"]]})
+        assert not r.is_error, r.content[0].text
+        view = await _wait_final(c, r.structured_content["job_id"])
+        assert view["state"] == "succeeded", view
+        assert view["result"]["rows"] == 4 and len(view["result"]["top"]) == 4
+        csv_text = (await c.read_resource(view["resources"][0]["uri"])).contents[0].text
+        assert len(csv_text.strip().splitlines()) == 5

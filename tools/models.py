@@ -189,7 +189,8 @@ def predict_interaction(state: "AppState", inp: PredictInput) -> PredictOutput:
         raise InvalidInputError(inp.k, "k > 0 needs support examples", "pass support or set k=0")
     row, model = state.load_model(inp.model)
     items = [i.model_dump(exclude_none=True) for i in inp.items]
-    preds = predict.predict(model, items, task, support=inp.support, k=inp.k)
+    with state.models.lock_for(row["id"]):
+        preds = predict.predict(model, items, task, support=inp.support, k=inp.k)
     out = [Prediction(index=p.index, ok=p.ok, error=p.error, choice=p.choice,
                       probabilities={k: round(v, 6) for k, v in p.probabilities.items()} if p.ok else None,
                       slots=p.slots or None) for p in preds]

@@ -46,11 +46,11 @@ def _serve(args) -> int:
     from server.app import create_server
 
     if settings.transport == "http":
-        from server.http import HttpConfigError, run_http
+        from server.http import HttpConfigError, require_token, run_http
 
-        server = create_server(settings)
         try:
-            run_http(server, settings)
+            require_token(settings)  # refuse before anything starts
+            run_http(create_server(settings), settings)
         except HttpConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
