@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from es_merging.errors import EsMergingError
 from es_merging.experts import base_hash
@@ -321,9 +322,11 @@ def test_interrupted_build_leaves_no_directory(tmp_path, monkeypatch, fail_in, e
 
     calls = _fast_training(monkeypatch, fail_in, exc)
     out = tmp_path / "zoo"
+    threads = torch.get_num_threads()
     with pytest.raises(exc, match="interrupted"):
         build_zoo(out, preset="test", seed=0)
     assert calls[-1] == fail_in
+    assert torch.get_num_threads() == threads
     assert list(tmp_path.iterdir()) == [], "a half-built zoo or its temporary directory was left behind"
 
 
@@ -331,6 +334,7 @@ def test_overwrite_replaces_atomically_via_cli(tmp_path, monkeypatch, capsys):
     from es_merging.cli import main
 
     calls = _fast_training(monkeypatch)
+    threads = torch.get_num_threads()
     out = tmp_path / "zoo"
     out.mkdir()
     (out / "stale.txt").write_text("old")
@@ -342,4 +346,6 @@ def test_overwrite_replaces_atomically_via_cli(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo"]
     report = json.loads((out / "zoo.json").read_text())
     assert report["seed"] == 3 and report["world"]["seed"] == 3
+    assert report["threads"] == 1  # the build runs single-threaded ...
+    assert torch.get_num_threads() == threads  # ... and gives torch its setting back
     assert report["base_hash"] == base_hash(out / "base")

@@ -19,11 +19,8 @@ def register(sub) -> None:
 
 
 def _build(args) -> int:
-    import torch
-
     from es_merging.zoo.build import build_zoo
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     report = build_zoo(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite,
                        progress=ProgressPrinter())
     summary = {"out": args.out, "preset": args.preset, "seed": args.seed, "gates": report["gates"],
