@@ -12,6 +12,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
@@ -204,16 +206,12 @@ def create_server(settings: Settings | None = None) -> MCPServer:
 
     @asynccontextmanager
     async def lifespan(_server: MCPServer) -> AsyncIterator[AppState]:
-        import anyio.to_thread
-
         await anyio.to_thread.run_sync(state.open)
         try:
             yield state
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(state.close)
-
-    import anyio  # noqa: F401  (used in lifespan)
 
     server = MCPServer(
         name="es-merging",

@@ -17,6 +17,8 @@ small ``selftest`` kind). The target is given as ``"module:function"`` so the sp
 import it; it must be importable without side effects.
 
 This module imports only the standard library at the top: the spawned child imports it first.
+As with any ``spawn`` start method, a script that creates the server itself must keep its start-up
+code under ``if __name__ == "__main__":`` (the child re-imports the parent's main module).
 """
 from __future__ import annotations
 

@@ -163,7 +163,7 @@ async def test_zoo_merge_describe_predict_screen(zoo_server, zoo_dir):
     async with client(zoo_server) as c:
         r = await c.call_tool("list_experts", {})
         assert sorted(e["id"] for e in r.structured_content["experts"]) == ["zoo-cell", "zoo-molecule", "zoo-protein"]
-        r = await c.call_tool("build_probe", {"from_zoo": True, "n": 12, "name": "zp"})
+        r = await c.call_tool("build_probe", {"from_zoo": True, "n": 8, "name": "zp"})
         assert not r.is_error, r.content[0].text
         r = await c.call_tool("start_merge", {"experts": ["zoo-molecule", "zoo-protein", "zoo-cell"], "method": "es",
                                               "probe": "zp", "name": "es-zoo"})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect as _inspect  # alias: the submodule tools.inspect rebinds the name `inspect` here
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
