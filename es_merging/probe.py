@@ -320,6 +320,9 @@ class PromptRenderer:
         self.soft_token_counts = soft_token_counts or {}
         self.cell_top_k = cell_top_k
         sentinel = "\x00"
+        if not getattr(tokenizer, "chat_template", None):
+            raise ProbeError("the tokenizer has no chat template; prompts are rendered with it (use an instruct "
+                             "model's tokenizer, or set tokenizer.chat_template)")
         rendered = tokenizer.apply_chat_template(
             [{"role": "user", "content": sentinel}], tokenize=False, add_generation_prompt=True
         )

@@ -347,6 +347,27 @@ def test_backbone_without_config(zoo_dir, tmp_path):
         MultimodalModel.load(d)
 
 
+def test_backbone_tokenizer_errors(zoo_dir, tmp_path):
+    from es_merging.errors import ProbeError
+
+    d = tmp_path / "notok"
+    d.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(zoo_dir / "base" / f, d / f)
+    with pytest.raises(ExpertError, match="tokenizer in .*notok cannot be loaded"):
+        MultimodalModel.load(d)
+    # a tokenizer without a chat template: a clear error, not transformers' ValueError
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(zoo_dir / "base"))
+    tok.chat_template = None
+    tok.save_pretrained(str(d))
+    for f in d.glob("chat_template*"):
+        f.unlink()
+    with pytest.raises(ProbeError, match="no chat template"):
+        MultimodalModel.load(d)
+
+
 class _Boom:
     """Unpickling this object writes a marker file: proof that a checkpoint was unpickled."""
 
