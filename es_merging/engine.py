@@ -144,6 +144,19 @@ class TensorFile:
                 raise ExpertError(f"{self.path}: file ended while reading tensor {key!r}")
             view, pos = view[got:], pos + got
 
+    def read_range(self, key: str, start: int, out: torch.Tensor) -> None:
+        """Read ``out.numel()`` elements of ``key`` from element ``start`` on into flat ``out``."""
+        entry = self.entries[key]
+        item = out.element_size()
+        view, pos = _byte_view(out), entry.begin + start * item
+        if out.dtype != torch_dtype(entry.dtype) or pos + view.nbytes > entry.end:
+            raise MergeError(f"{self.path}: range {start}+{out.numel()} of {key!r} is out of bounds")
+        while view.nbytes:
+            got = os.preadv(self._fd, [view], pos)
+            if got <= 0:
+                raise ExpertError(f"{self.path}: file ended while reading tensor {key!r}")
+            view, pos = view[got:], pos + got
+
     def read(self, key: str) -> torch.Tensor:
         entry = self.entries[key]
         out = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
@@ -574,8 +587,12 @@ def svd_factor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
     return vh[:rank].contiguous(), (u[:, :rank] * s[:rank]).contiguous()
 
 
+CHUNK_BYTES = 8 * 2**20  # the base and dtype conversions stream through a scratch this size
+
+
 class _Workspace:
-    """Flat buffers that grow to the largest tensor and are reused (no allocation per tensor)."""
+    """Flat buffers reused across tensors (no allocation and page-faulting per tensor): the expert
+    stack, which grows to E x the largest tensor, and a small chunk scratch."""
 
     def __init__(self):
         self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
@@ -631,53 +648,72 @@ class _Executor:
             self.files[path] = TensorFile(path)
         return self.files[path]
 
-    def read(self, src: Source, out: torch.Tensor | None = None, slot: str = "tmp") -> torch.Tensor:
-        """Read ``src`` into ``out`` (converting dtype through a scratch buffer when needed)."""
+    def _entry(self, src: Source) -> TensorFile:
         f = self._file(src.file)
         entry = f.entries.get(src.key)
         if entry is None or entry.dtype != src.dtype or entry.shape != src.shape:
             raise ExpertError(f"{src.file}: tensor {src.key!r} changed since the merge was planned")
         self.bytes_read += _nbytes(src.shape, src.dtype)
+        return f
+
+    def read(self, src: Source) -> torch.Tensor:
+        """``src`` in its own dtype, in a fresh tensor (small tensors: LoRA factors, copies)."""
+        f = self._entry(src)
+        out = torch.empty(src.shape, dtype=torch_dtype(src.dtype))
+        if out.numel():
+            f.read_into(src.key, out)
+        return out
+
+    def chunks(self, src: Source, wd: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, flat chunk in ``wd``) over ``src``, through the small scratch: a full-size copy of
+        the base is never held, which keeps the peak at the expert stack plus the method's result."""
+        f = self._entry(src)
         native = torch_dtype(src.dtype)
-        if out is not None and out.dtype == native:
-            if out.numel():
-                f.read_into(src.key, out)
-            return out
-        raw = self.ws.get(slot, src.shape, native)
-        if raw.numel():
-            f.read_into(src.key, raw)
-        if out is None:
-            return raw
-        out.copy_(raw)
-        return raw
+        numel = math.prod(src.shape)
+        step = max(1, CHUNK_BYTES // torch.empty((), dtype=native).element_size())
+        scratch = self.ws.get("chunk", (min(step, numel),), native)
+        for start in range(0, numel, step):
+            raw = scratch[: min(step, numel - start)]
+            f.read_range(src.key, start, raw)
+            yield start, raw.to(wd)
+
+    def read_into(self, src: Source, out: torch.Tensor) -> torch.Tensor:
+        """Fill ``out`` (same dtype as the file's) with ``src`` and return it."""
+        f = self._entry(src)
+        if out.numel():
+            f.read_into(src.key, out)
+        return out
 
     def deltas(self, task: Task) -> torch.Tensor:
         wd = torch_dtype(task.work_dtype)
         stack = self.ws.get("stack", (len(task.experts), *task.shape), wd)
-        base = None
-        if task.kind == "dense_delta":
-            base = self.read(task.base, self.ws.get("base", task.shape, wd))
         for e, srcs in enumerate(task.experts):
             if task.kind == "lora_delta":
                 a_src, b_src = srcs
-                a = self.read(a_src, slot="a")
+                a, b = self.read(a_src), self.read(b_src)
                 self.hashes.add(e, a_src, a)
-                a = a.to(wd)
-                b = self.read(b_src, slot="b")
                 self.hashes.add(e, b_src, b)
-                b = b.to(wd)
+                a, b = a.to(wd), b.to(wd)
                 if task.transpose:
                     stack[e].copy_((b @ a).T)
                 else:
                     torch.matmul(b, a, out=stack[e])
                 stack[e].mul_(task.scales[e])
             else:
-                raw = self.read(srcs[0], stack[e])
-                self.hashes.add(e, srcs[0], raw)
+                src = srcs[0]
+                if torch_dtype(src.dtype) == wd:
+                    self.hashes.add(e, src, self.read_into(src, stack[e]))
+                else:  # hash the file's own bytes, then convert
+                    raw = self.read(src)
+                    self.hashes.add(e, src, raw)
+                    stack[e].copy_(raw)
+                    del raw
                 if task.kind == "factor" and task.scales[e] != 1.0:
                     stack[e].mul_(task.scales[e])
-                elif task.kind == "dense_delta":
-                    stack[e].sub_(base)
+        if task.kind == "dense_delta":  # W_e - W_base, one pass over the base for all experts
+            flat = stack.view(stack.shape[0], -1)
+            for start, chunk in self.chunks(task.base, wd):
+                flat[:, start:start + chunk.numel()].sub_(chunk)
         return stack
 
     def context(self, task: Task) -> TensorContext:
@@ -775,10 +811,10 @@ def execute_plan(plan: MergePlan, method: MergeMethod, out_dir: str | Path, *, s
 
 def _run_task(ex: _Executor, task: Task, writer: ShardWriter, coef_writer: ShardWriter | None, stats: list) -> None:
     if task.kind in ("copy", "copy_equal"):
-        base = ex.read(task.base, slot="copy")
+        base = ex.read(task.base)
         if task.kind == "copy_equal":  # non-float tensors (buffers): every expert must agree
             for e, (src,) in enumerate(task.experts):
-                other = ex.read(src, slot="copy_e")
+                other = ex.read(src)
                 ex.hashes.add(e, src, other)
                 if not torch.equal(other, base):
                     raise MergeError(f"expert {ex.plan.expert_names[e]!r}: non-float tensor {task.key!r} differs from the base; it cannot be merged")
@@ -809,11 +845,13 @@ def _finish(ex: _Executor, task: Task, merged: torch.Tensor) -> list[torch.Tenso
         return [merged]
     if task.kind == "lora_delta" and task.base is None:
         return list(svd_factor(merged, ex.plan.rank))
-    # dense output: base + merged, summed into the base buffer (a + b == b + a exactly in IEEE)
-    base = ex.ws.get("base", task.shape, torch_dtype(task.work_dtype))
-    if task.kind == "lora_delta":
-        ex.read(task.base, base)
-    return [base.add_(merged)]
+    # dense output: base + merged, added chunk by chunk into the method's result
+    # (the engine owns it from here; a + b == b + a exactly in IEEE arithmetic)
+    out = merged.contiguous()
+    flat = out.view(-1)
+    for start, chunk in ex.chunks(task.base, out.dtype):
+        flat[start:start + chunk.numel()].add_(chunk)
+    return [out]
 
 
 def _coefficient_writer(plan: MergePlan, method: MergeMethod, signals, path, limit_mb: int):

@@ -30,6 +30,7 @@ from es_merging.methods.base import MergeMethod, TensorContext, get_method
 from es_merging.signals_types import Signals
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ synthetic checkpoints
@@ -265,7 +266,9 @@ def test_dense_experts_several_shards(zoo, tmp_path, method, params):
     assert_bitwise(load_dir(tmp_path / "out"), reference_merge(zoo["base"], experts, m, seed=4))
     assert len([f for f in res.files if f.startswith("model-")]) >= 3
     assert len(res.expert_hashes) == 3 and len(set(res.expert_hashes)) == 3
-    assert res.bytes_read == plan_merge(zoo["base"], experts).bytes_to_read
+    plan = plan_merge(zoo["base"], experts)
+    base_bytes = sum(torch.Size(t.base.shape).numel() * 4 for t in plan.tasks)
+    assert res.bytes_read == plan.bytes_to_read + base_bytes  # the base is read twice: W_e - base, then base + merged
     with pytest.raises(MergeError, match="delta mode"):
         plan_merge(zoo["base"], experts, mode="factor")
 
@@ -449,3 +452,21 @@ def test_expert_on_another_base_refused(zoo, tmp_path):
     experts = specs(zoo["mol"], zoo["prot"])
     with pytest.raises(ExpertError, match="mol.*trained on base"):
         check_compatible(zoo["other_base"], experts)
+
+
+def test_bf16_checkpoints_merge_in_float32(zoo, tmp_path):
+    import shutil
+
+    dirs = []
+    for name in ("base", "dense1", "dense2"):
+        d = tmp_path / f"{name}_bf16"
+        shutil.copytree(zoo[name], d, ignore=shutil.ignore_patterns("*.safetensors"))
+        t = {k: v.to(torch.bfloat16) for k, v in load_file(str(zoo[name] / "model.safetensors")).items()}
+        save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+        dirs.append(d)
+    experts = specs(dirs[1], dirs[2])
+    m = get_method("ties", density=0.3)
+    merge(dirs[0], experts, m, tmp_path / "out", shard_size_mb=0.003)
+    got = load_dir(tmp_path / "out")
+    assert_bitwise(got, reference_merge(dirs[0], experts, m))
+    assert all(v.dtype == torch.bfloat16 for v in got.values())

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 
 from es_merging.errors import MergeError
 
@@ -37,36 +35,6 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-class ProgressBar:
-    """Plain-text progress on stderr: redrawn in place on a terminal, a few lines otherwise."""
-
-    def __init__(self, stream=None, width: int = 30):
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.width, self.stage, self.last_pct, self.t0 = width, None, -1, time.perf_counter()
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage != self.stage:
-            if self.stage is not None and self.tty:
-                self.stream.write("\n")
-            self.stage, self.last_pct = stage, -1
-        pct = int(100 * done / total) if total else 100
-        if not self.tty and pct < 100 and pct - self.last_pct < 25:
-            return
-        if pct == self.last_pct:
-            return
-        self.last_pct = pct
-        filled = self.width * pct // 100
-        line = f"{stage:>7} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {time.perf_counter() - self.t0:6.1f}s"
-        self.stream.write(("\r" + line) if self.tty else line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty and self.stage is not None:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def run(args: argparse.Namespace) -> int:
     from es_merging.methods.base import REGISTRY, parse_set_options
 
@@ -91,11 +59,8 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())
         raise MergeError(f"invalid merge options: {problems}") from None
-    bar = None if args.quiet else ProgressBar()
-    try:
-        result = run_merge(opts, progress=bar, bundle_base=args.bundle_base)
-    finally:
-        if bar is not None:
-            bar.close()
+    from es_merging.cli.progress import ProgressPrinter
+
+    result = run_merge(opts, progress=None if args.quiet else ProgressPrinter(), bundle_base=args.bundle_base)
     print(json.dumps(result.summary(), indent=2))
     return 0
