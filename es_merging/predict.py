@@ -651,6 +651,51 @@ def predict(
     return out  # type: ignore[return-value]
 
 
+@torch.no_grad()
+def features(model, samples: Sequence[ProbeSample | dict[str, Any]], task: str | Task, *,
+             pool: Literal["mean", "last"] = "mean", layer: int = -1, batch_size: int = DEFAULT_BATCH_SIZE,
+             protein_policy: str = "replace") -> tuple[np.ndarray, list[str | None]]:
+    """Frozen-model features of each sample's prompt (the task's question, no answer): the hidden
+    state of ``layer`` (default the last), mean-pooled over the prompt tokens or taken at the last
+    one. Returns ``(float32[N, hidden], errors)``; an invalid sample's row is zero and its error
+    says why (the others are unaffected)."""
+    task = get_task(task)
+    validator = _Validator(model, protein_policy)
+    items = list(samples)
+    errors: list[str | None] = [None] * len(items)
+    prompts: list[tuple[int, _Prompt]] = []
+    for i, item in enumerate(items):
+        try:
+            prompts.append((i, build_prompt(model, validator.sample(_as_sample(item, i), task), task)))
+        except (InvalidInputError, ProbeError) as exc:
+            errors[i] = str(exc)
+    hidden = int(model.config.hidden_size)
+    out = np.zeros((len(items), hidden), dtype=np.float32)
+    scorer = _Scorer(model, task)
+    device = model.device
+    prompts.sort(key=lambda ip: len(ip[1].ids))
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        lens = torch.tensor([len(p.ids) for _, p in chunk])
+        W = int(lens.max())
+        ids = torch.full((len(chunk), W), scorer.pad, dtype=torch.long)
+        for r, (_, p) in enumerate(chunk):
+            ids[r, : len(p.ids)] = torch.tensor(p.ids)
+        mask = (torch.arange(W)[None, :] < lens[:, None])
+        embeds = scorer._embed(ids.to(device), [p.soft for _, p in chunk])
+        res = model.backbone(inputs_embeds=embeds, attention_mask=mask.long().to(device), use_cache=False,
+                             output_hidden_states=True, logits_to_keep=1)
+        h = res.hidden_states[layer].float()
+        if pool == "mean":
+            m = mask.to(device)[:, :, None].float()
+            vec = (h * m).sum(1) / m.sum(1)
+        else:
+            vec = h[torch.arange(len(chunk), device=device), (lens - 1).to(device)]
+        for r, (i, _) in enumerate(chunk):
+            out[i] = vec[r].cpu().numpy()
+    return out, errors
+
+
 def load_zoo_model(zoo_dir: str | Path, expert: str | None = "base", *, experts: Sequence[str] | None = None):
     """A zoo model with every expert's adapter attached and every encoder loaded; ``expert``
     ("base" or None = adapters off, or an expert's name) is the active one."""

@@ -59,3 +59,46 @@ def test_screen_bench_small(zoo_dir):
     data = run_screen_bench(zoo=str(zoo_dir), expert="molecule", sizes=[25, 50])
     assert [r["rows"] for r in data["runs"]] == [25, 50]
     assert data["predictions_per_second"] > 0 and "r2" in data["fit"]
+
+
+# ----------------------------------------------------------------------------- real-data suite pieces
+def test_cold_drug_split_shares_no_drug():
+    from es_merging.bench.real import cold_drug_split
+
+    drugs = [f"d{i % 17}" for i in range(200)]
+    for seed in range(5):
+        train, test = cold_drug_split(drugs, test_fraction=0.3, seed=seed)
+        assert not set(train) & set(test)
+        assert set(train) | set(test) == set(drugs) and len(test) == 5
+    assert cold_drug_split(drugs, seed=1) == cold_drug_split(drugs, seed=1)
+    assert cold_drug_split(drugs, seed=1) != cold_drug_split(drugs, seed=2)
+
+
+def test_real_datasets_cold_split(data_dir):
+    from es_merging.bench.real import cold_drug_split, load_davis, stratified_sample
+
+    pairs = load_davis(data_dir, crop=64)
+    assert len(pairs) == 30056 and all(len(p.protein) <= 64 for p in pairs)
+    train_drugs, test_drugs = cold_drug_split([p.drug for p in pairs], seed=0)
+    test = stratified_sample([p for p in pairs if p.drug in set(test_drugs)], 40, 0, ["Interacts", "Does not interact"])
+    train = stratified_sample([p for p in pairs if p.drug in set(train_drugs)], 40, 0, ["Interacts", "Does not interact"])
+    assert not {p.drug for p in train} & {p.drug for p in test}
+    assert sum(p.label == "Interacts" for p in test) == 20
+
+
+def test_logistic_head_and_features(zoo_dir):
+    import numpy as np
+
+    from es_merging.bench.real import logistic_head
+    from es_merging.predict import features, load_zoo_model
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 3))
+    y = (x[:, 0] > 0).astype(int)
+    probs = logistic_head(x[:40], y[:40], x[40:], 2)
+    assert np.allclose(probs.sum(1), 1.0) and ((probs[:, 1] > 0.5) == y[40:].astype(bool)).mean() > 0.9
+    model = load_zoo_model(zoo_dir, "molecule")
+    feats, errors = features(model, [{"smiles": "CCO", "protein": "MKTAYIAKQR"}, {"smiles": "C1CC", "protein": "MK"}],
+                             "dti")
+    assert feats.shape == (2, model.config.hidden_size) and errors[0] is None and "C1CC" in errors[1]
+    assert np.abs(feats[0]).sum() > 0 and not feats[1].any()
