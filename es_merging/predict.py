@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -588,6 +589,52 @@ class _Scorer:
         return torch.arange(attn.shape[1], device=attn.device)[None, :].expand(attn.shape[0], -1)
 
 
+# ============================================================================ adapter fusion
+FUSE_LIMIT_BYTES = 1 << 30
+
+
+@contextmanager
+def fused_adapter(model, enabled: bool | None = None):
+    """Inside the block, the active LoRA adapter is folded into the base weights (W + s * B @ A)
+    and the adapter layers are off: one matmul per module instead of three, about a quarter less
+    time on the tiny zoo. The original weight tensors are kept and put back afterwards (exactly,
+    not by subtracting), also on error. ``enabled=None``: only for plain LoRA adapters (no DoRA)
+    whose targeted weights take under 1 GiB (the copy costs that much memory)."""
+    if enabled is False:
+        yield False
+        return
+    active = getattr(model, "active_adapter", None)
+    backbone = getattr(model, "backbone", None)
+    layers = []
+    if active is not None and hasattr(backbone, "base_model"):
+        from peft.tuners.lora import LoraLayer
+
+        for mod in backbone.modules():
+            if isinstance(mod, LoraLayer) and active in getattr(mod, "lora_A", {}):
+                if mod.use_dora.get(active) or getattr(mod, "merged", False) or not hasattr(mod.get_base_layer(), "weight"):
+                    layers = []
+                    break
+                layers.append(mod)
+    size = sum(m.get_base_layer().weight.numel() * m.get_base_layer().weight.element_size() for m in layers)
+    if not layers or (enabled is None and size > FUSE_LIMIT_BYTES):
+        yield False
+        return
+    saved = []
+    try:
+        with torch.no_grad():
+            for mod in layers:
+                base = mod.get_base_layer()
+                original = base.weight.data
+                saved.append((base, original))
+                base.weight.data = original + mod.get_delta_weight(active).to(original.dtype)
+        backbone.base_model.disable_adapter_layers()
+        yield True
+    finally:
+        for base, original in saved:
+            base.weight.data = original
+        model.set_adapter(active)
+
+
 # ============================================================================ public API
 def predict(
     model,
@@ -599,12 +646,13 @@ def predict(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress | None = None,
     protein_policy: str = "replace",
+    fuse: bool | None = None,
 ) -> list[Prediction]:
     """Score ``task``'s options for every sample with ``model`` (whatever adapter it has active).
 
     Invalid samples come back as ``Prediction(ok=False, error=...)``; the others are unaffected.
     ``k`` > 0 puts the k most similar ``support`` examples (labelled with ``task``'s options) in
-    front of each query."""
+    front of each query. ``fuse``: see :func:`fused_adapter` (None = automatic)."""
     task = get_task(task)
     if batch_size < 1:
         raise EsMergingError("batch_size must be >= 1")
@@ -638,16 +686,17 @@ def predict(
     done = len(items) - len(prompts)
     if progress:
         progress("predict", done, len(items))
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        results = scorer.score([p for _, p in chunk])
-        for (i, p), r in zip(chunk, results):
-            item = items[i]
-            ident = item.id if isinstance(item, ProbeSample) else (item.get("id") if isinstance(item, dict) else None)
-            out[i] = Prediction(index=i, id=ident, task=task.name, support_ids=p.support_ids, **r)
-        done += len(chunk)
-        if progress:
-            progress("predict", done, len(items))
+    with fused_adapter(model, fuse if prompts else False):
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            results = scorer.score([p for _, p in chunk])
+            for (i, p), r in zip(chunk, results):
+                item = items[i]
+                ident = item.id if isinstance(item, ProbeSample) else (item.get("id") if isinstance(item, dict) else None)
+                out[i] = Prediction(index=i, id=ident, task=task.name, support_ids=p.support_ids, **r)
+            done += len(chunk)
+            if progress:
+                progress("predict", done, len(items))
     return out  # type: ignore[return-value]
 
 

@@ -206,3 +206,27 @@ def test_predict_cli(zoo_dir, world_samples, capsys):
     assert sum(preds[0]["probabilities"].values()) == pytest.approx(1.0)
     rc = main(["predict", "--zoo", str(zoo_dir), "--expert", "nope", "--smiles", s.smiles, "--protein", s.protein])
     assert rc == 2
+
+
+def test_fused_adapter_is_exactly_undone(model, world_samples):
+    import torch
+
+    from es_merging.predict import fused_adapter
+
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    fused = predict(model, world_samples[:4], "triple_effect", fuse=True)
+    plain = predict(model, world_samples[:4], "triple_effect", fuse=False)
+    for a, b in zip(fused, plain):
+        for o in a.log_likelihoods:
+            assert a.log_likelihoods[o] == pytest.approx(b.log_likelihoods[o], abs=1e-3)
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.active_adapter == "molecule"
+    with pytest.raises(RuntimeError):
+        with fused_adapter(model, True):
+            raise RuntimeError("boom")
+    assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
+    model.set_adapter(None)
+    with fused_adapter(model) as did:  # the base: nothing to fuse
+        assert did is False
+    model.set_adapter("molecule")
