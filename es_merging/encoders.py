@@ -34,6 +34,16 @@ class SoftTokenEncoder(nn.Module):
     def config(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    # Pre-training hooks: the encoder's pooled representation [B, summary_dim] (what a classifier on
+    # top would read) and its projector into the LLM's embedding space.
+    summary_dim: int
+
+    def summary_features(self, raws: list[Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def projector(self) -> nn.Module:
+        raise NotImplementedError
+
     def save(self, out: str | Path) -> None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -64,9 +74,19 @@ class FingerprintEncoder(SoftTokenEncoder):
                                            dtype=np.float32))
 
     def forward(self, raws: list[Any]) -> list[torch.Tensor]:
-        feats = self.featurize(list(raws)).to(self.mlp[0].weight.device)
-        out = self.mlp(feats).view(len(raws), self.n_tokens, self.hidden_size)
+        out = self.mlp[2](self.summary_features(raws)).view(len(raws), self.n_tokens, self.hidden_size)
         return list(out.unbind(0))
+
+    @property
+    def summary_dim(self) -> int:
+        return self.width
+
+    def summary_features(self, raws: list[Any]) -> torch.Tensor:
+        feats = self.featurize(list(raws)).to(self.mlp[0].weight.device)
+        return self.mlp[1](self.mlp[0](feats))
+
+    def projector(self) -> nn.Module:
+        return self.mlp[2]
 
     def config(self) -> dict[str, Any]:
         return {"hidden_size": self.hidden_size, "n_tokens": self.n_tokens, "n_bits": self.n_bits,
@@ -103,6 +123,21 @@ class EsmProteinEncoder(SoftTokenEncoder):
         return len(raw) + 2
 
     def forward(self, raws: list[Any]) -> list[torch.Tensor]:
+        states, lengths = self._residue_states(raws)
+        out = self.adapter(states)
+        return [out[row, : n + 2] for row, n in enumerate(lengths)]
+
+    @property
+    def summary_dim(self) -> int:
+        return self.esm_hidden
+
+    def summary_features(self, raws: list[Any]) -> torch.Tensor:
+        return self._residue_states(raws)[0][:, 0]  # the <cls> state
+
+    def projector(self) -> nn.Module:
+        return self.adapter
+
+    def _residue_states(self, raws: list[Any]) -> tuple[torch.Tensor, list[int]]:
         lengths = [len(r) for r in raws]
         if max(lengths) > self.max_length:
             raise ExpertError(f"protein of length {max(lengths)} exceeds the encoder's limit {self.max_length}")
@@ -115,8 +150,7 @@ class EsmProteinEncoder(SoftTokenEncoder):
         device = self.adapter[0].weight.device
         ids = ids.to(device)
         states = self.esm(input_ids=ids, attention_mask=(ids != 1).long()).last_hidden_state
-        out = self.adapter(states)
-        return [out[row, : n + 2] for row, n in enumerate(lengths)]
+        return states, lengths
 
     def config(self) -> dict[str, Any]:
         return {"hidden_size": self.hidden_size, "esm_hidden": self.esm_hidden, "esm_layers": self.esm_layers,

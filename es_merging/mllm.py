@@ -229,14 +229,16 @@ class MultimodalModel(nn.Module):
         embed = self.backbone.get_input_embeddings()
         ids = batch.input_ids.to(self.device)
         embeds = embed(ids)
-        # cache encoder outputs only at inference: in training the encoders change every step
-        use_cache = not self.training and not torch.is_grad_enabled()
         for modality, pid in self.placeholder_ids.items():
             rows = [i for i, s in enumerate(batch.soft_inputs) if modality in s]
             if not rows:
                 continue
             if modality not in self.encoders:
                 raise ExpertError(f"the prompt holds raw {modality} input but no {modality} encoder is loaded")
+            encoder = self.encoders[modality]
+            # cache only what cannot change: an encoder in eval mode that is frozen or not under grad
+            frozen = not any(p.requires_grad for p in encoder.parameters())
+            use_cache = not encoder.training and (frozen or not torch.is_grad_enabled())
             soft = self._soft_tokens(modality, [batch.soft_inputs[i][modality] for i in rows], use_cache)
             embeds = embeds.clone() if embeds.requires_grad is False else embeds
             for i in rows:

@@ -111,7 +111,7 @@ def _build_zoo(out: str | Path, *, preset: str, seed: int, overwrite: bool,
     from es_merging.mllm import MultimodalModel
     from es_merging.zoo.evaluate import evaluate_zoo
     from es_merging.zoo.tokenizer import train_tokenizer
-    from es_merging.zoo.train import train_base, train_experts
+    from es_merging.zoo.train import pretrain_encoder, train_base, train_experts
 
     if preset not in PRESETS:
         raise EsMergingError(f"unknown zoo preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -148,6 +148,15 @@ def _build_zoo(out: str | Path, *, preset: str, seed: int, overwrite: bool,
         for name in MODALITIES[1:]:
             peft_model.add_adapter(name, LoraConfig(**lora))
         encoders = {m: e for m in MODALITIES if (e := _new_encoder(m, p)) is not None}
+        with torch.no_grad():  # soft tokens as long as the base's own token embeddings
+            target_norm = float(base.backbone.get_input_embeddings().weight.norm(dim=-1).mean())
+        encoder_stats = {
+            m: pretrain_encoder(enc, world.train[m], DESCRIPTORS[m], steps=p.encoder_steps, batch=p.batch,
+                                lr=1e-3, seed=seed + 3, target_norm=target_norm)
+            for m, enc in encoders.items()
+        }
+        timings["encoders"] = round(time.time() - t, 2)
+        t = time.time()
         experts = MultimodalModel(peft_model, tokenizer, encoders)
         expert_stats = train_experts(experts, world, list(MODALITIES), steps=p.expert_steps, batch=p.batch,
                                      lr=p.lr_expert, seed=seed + 2, progress=progress)
@@ -169,7 +178,7 @@ def _build_zoo(out: str | Path, *, preset: str, seed: int, overwrite: bool,
                       "heldout_entities": {m: len(v) for m, v in world.heldout.items()}},
             "base_hash": digest,
             "experts": {m: {"path": m, "modality": m, "encoder": m in encoders} for m in MODALITY_ORDER},
-            "training": {"base": base_stats, "experts": expert_stats},
+            "training": {"base": base_stats, "encoders": encoder_stats, "experts": expert_stats},
             "quality": quality,
             "gates": gates,
             "timings_s": timings,

@@ -112,6 +112,57 @@ def train_base(model, world: World, *, steps: int, batch: int, lr: float, seed: 
     return {"steps": steps, "seconds": round(time.time() - t0, 1), "final_loss": sum(losses[-20:]) / min(20, len(losses))}
 
 
+def pretrain_encoder(encoder, entities, descriptors: tuple[str, ...], *, steps: int, batch: int, lr: float,
+                     seed: int, target_norm: float) -> dict:
+    """Perception features first, then a fixed projector (DESIGN section 7).
+
+    The encoder is trained as a descriptor classifier on its pooled features; its projector into the
+    LLM's embedding space is then re-drawn at random and everything is frozen. Were the encoder
+    trained through the LLM, it would learn to emit the descriptor words' own embeddings, the base
+    would simply copy them, and the LoRA (what merging combines) would carry no perception at all.
+    With a random fixed projector the features are informative but unreadable without the adapter."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    head = torch.nn.Linear(encoder.summary_dim, len(descriptors))
+    params = [p for n, p in encoder.named_parameters() if not n.startswith(_projector_prefix(encoder))]
+    opt = torch.optim.AdamW(params + list(head.parameters()), lr=lr, weight_decay=0.01)
+    labels = {d: i for i, d in enumerate(descriptors)}
+    encoder.train()
+    t0, losses = time.time(), []
+    for step in range(steps):
+        chunk = [rng.choice(entities) for _ in range(batch)]
+        logits = head(encoder.summary_features([e.raw for e in chunk]))
+        loss = F.cross_entropy(logits, torch.tensor([labels[e.descriptor] for e in chunk]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    encoder.eval()
+    with torch.no_grad():
+        correct = sum(int(head(encoder.summary_features([e.raw])).argmax()) == labels[e.descriptor]
+                      for e in entities[:200])
+        projector = encoder.projector()
+        for module in projector.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+                torch.nn.init.zeros_(module.bias)
+        soft = torch.cat(encoder([e.raw for e in entities[:64]]))
+        scale = target_norm / soft.norm(dim=-1).mean().clamp_min(1e-6)
+        last = [m for m in projector.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.weight.mul_(scale)
+    encoder.requires_grad_(False)
+    return {"steps": steps, "seconds": round(time.time() - t0, 1), "final_loss": sum(losses[-20:]) / min(20, len(losses)),
+            "train_accuracy": round(correct / min(200, len(entities)), 4), "soft_token_norm": round(target_norm, 4)}
+
+
+def _projector_prefix(encoder) -> str:
+    projector = encoder.projector()
+    for name, module in encoder.named_modules():
+        if module is projector:
+            return name + "."
+    raise ValueError("projector is not a sub-module of the encoder")
+
+
 def train_experts(model, world: World, experts: list[str], *, steps: int, batch: int, lr: float, seed: int,
                   mix: tuple[float, float, float] = (0.4, 0.4, 0.2), kl_weight: float = 1.0,
                   progress: Progress | None = None) -> dict:
@@ -125,8 +176,8 @@ def train_experts(model, world: World, experts: list[str], *, steps: int, batch:
     for name in experts:
         model.set_adapter(name)
         params = [p for n, p in model.backbone.named_parameters() if f".{name}." in n and "lora_" in n]
-        if name in model.encoders:
-            params += list(model.encoders[name].parameters())
+        if name in model.encoders:  # a pre-trained, frozen encoder contributes nothing here
+            params += [p for p in model.encoders[name].parameters() if p.requires_grad]
         for p in params:
             p.requires_grad_(True)
         opts[name] = (torch.optim.AdamW(params, lr=lr, weight_decay=0.0), params)
@@ -134,6 +185,9 @@ def train_experts(model, world: World, experts: list[str], *, steps: int, batch:
     stats = {name: [] for name in experts}
     t0 = time.time()
     model.train()
+    for encoder in model.encoders.values():
+        if not any(p.requires_grad for p in encoder.parameters()):
+            encoder.eval()  # frozen: deterministic, and its soft tokens can be cached
     for step in range(steps):
         for name in experts:
             chunk = pools[name][step * batch:(step + 1) * batch]
@@ -170,7 +224,7 @@ def train_experts(model, world: World, experts: list[str], *, steps: int, batch:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            stats[name].append(float(loss))
+            stats[name].append(loss.item())
         if progress and (step % 10 == 0 or step == steps - 1):
             progress("train experts", step + 1, steps)
     model.eval()
