@@ -236,10 +236,10 @@ def compute_signals(
         if progress:
             progress("signals: hidden states", i + 2, total)
     delta = layer_increments(swd)
-    if hasattr(method, "layer_coefficients"):
-        lam = method.layer_coefficients(delta, own)
-    else:
-        lam = layer_coefficients(delta, own)
+    if getattr(method, "needs_layer_coefficients", True):
+        lam = method.layer_coefficients(delta, own) if hasattr(method, "layer_coefficients") else layer_coefficients(delta, own)
+    else:  # es_element: lambda plays no part; uniform, and the manifest says so
+        lam = torch.full((len(experts), model.num_layers), 1.0 / len(experts), dtype=torch.float64)
     timings["layer_signals"] = time.time() - t
 
     scores: dict[str, torch.Tensor] = {}
@@ -277,6 +277,7 @@ def compute_signals(
             "p": p,
             "score": score,
             "mode": mode,
+            "layer_coefficients_used": bool(getattr(method, "needs_layer_coefficients", True)),
             "batch_size": batch_size,
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
         },
