@@ -510,26 +510,30 @@ class _Scorer:
                 scores[:, o] = last[:, toks[0]].double().cpu()
             multi = any(len(t) > 1 for t in opt_ids)
             if multi:
-                # every option row on top of the cache: option tokens (+ next connector when the
-                # chosen row continues); rows right-padded, masked and positioned explicitly
-                conts = [t + next_conn for t in opt_ids]
-                L = max(len(c) for c in conts)
-                cont = torch.full((B * O, L), self.pad, dtype=torch.long)
-                cmask = torch.zeros((B * O, L), dtype=torch.long)
-                for i in range(B):
-                    for o, c in enumerate(conts):
-                        cont[i * O + o, : len(c)] = torch.tensor(c)
-                        cmask[i * O + o, : len(c)] = 1
-                cache.batch_repeat_interleave(O)
-                attn_x = torch.cat([attn.repeat_interleave(O, 0), cmask.to(device)], dim=1)
-                base = lens.repeat_interleave(O)
-                pos_x = (base[:, None] + torch.arange(L)[None, :]).to(device)
-                lp, cache = self._run(ids=cont.to(device), attn=attn_x, pos=pos_x, cache=cache)
+                # all options packed in ONE row per sample on top of the cache: block o = option o's
+                # tokens (+ the next connector when the chosen block continues). A 4-D mask lets
+                # block o see the sample's path so far and its own earlier tokens only; positions
+                # restart at the path length for every block. No cache copy per option.
+                blocks = [t + next_conn for t in opt_ids]
+                starts = [sum(len(b) for b in blocks[:o]) for o in range(O)]
+                Lp = sum(len(b) for b in blocks)
+                packed = torch.tensor([t for b in blocks for t in b], dtype=torch.long, device=device)
+                own = torch.zeros((Lp, Lp), dtype=torch.bool)
+                offsets = torch.zeros(Lp, dtype=torch.long)
+                for o, b in enumerate(blocks):
+                    a, e = starts[o], starts[o] + len(b)
+                    own[a:e, a:e] = torch.ones((len(b), len(b)), dtype=torch.bool).tril()
+                    offsets[a:e] = torch.arange(len(b))
+                T = attn.shape[1]
+                mask4 = torch.cat([attn.bool()[:, None, None, :].expand(B, 1, Lp, T),
+                                   own.to(device)[None, None].expand(B, 1, Lp, Lp)], dim=-1)
+                pos_x = (lens[:, None] + offsets[None, :]).to(device)
+                lp, cache = self._run(ids=packed[None].expand(B, Lp), attn=mask4, pos=pos_x, cache=cache)
                 for o, toks in enumerate(opt_ids):
                     if len(toks) > 1:
                         tail = torch.tensor(toks[1:], device=device)
-                        got = lp[o::O, torch.arange(len(toks) - 1, device=device), :].gather(
-                            -1, tail[None, :, None].expand(B, -1, 1)).squeeze(-1)
+                        idx = torch.arange(starts[o], starts[o] + len(toks) - 1, device=device)
+                        got = lp[:, idx, :].gather(-1, tail[None, :, None].expand(B, -1, 1)).squeeze(-1)
                         scores[:, o] += got.double().sum(-1).cpu()
             final = scores / torch.tensor([len(t) for t in opt_ids], dtype=torch.float64) \
                 if self.task.normalize == "mean" else scores
@@ -548,12 +552,16 @@ class _Scorer:
                 break
             chosen_conts = [opt_ids[int(best[i])] + next_conn for i in range(B)]
             if multi:
-                rows = torch.arange(B) * O + best
-                cache.batch_select_indices(rows.to(device))
-                attn = attn_x[rows.to(device)]
-                new_lens = lens + torch.tensor([len(c) for c in chosen_conts])
-                last = lp[rows.to(device), (torch.tensor([len(c) for c in chosen_conts]) - 1).to(device)]
-                lens = new_lens
+                # keep the chosen block in the path, mask the others out for every later token
+                keep = torch.zeros((B, Lp), dtype=attn.dtype)
+                ends = torch.zeros(B, dtype=torch.long)
+                for i in range(B):
+                    o = int(best[i])
+                    keep[i, starts[o]:starts[o] + len(blocks[o])] = 1
+                    ends[i] = starts[o] + len(blocks[o]) - 1
+                attn = torch.cat([attn, keep.to(device)], dim=1)
+                last = lp[torch.arange(B, device=device), ends.to(device)]
+                lens = lens + torch.tensor([len(blocks[int(best[i])]) for i in range(B)])
             else:
                 # single-token options: scored from the cached logits; run only the chosen ones
                 L = max(len(c) for c in chosen_conts)
