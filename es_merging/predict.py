@@ -476,30 +476,16 @@ class _Scorer:
         return torch.log_softmax(out.logits.float(), dim=-1), cache  # updated in place
 
     @torch.no_grad()
-    def score(self, prompts: list[_Prompt]) -> list[dict[str, Any]]:
-        from transformers import DynamicCache
-
+    def score(self, prompts: list[_Prompt], groups: list[tuple[list[int], int]] | None = None) -> list[dict[str, Any]]:
+        """``groups``: (batch rows, shared prefix length) whose rows share their first tokens (a
+        screen's drug and protein); each shared prefix is run once and its cache copied per row."""
         device = self.model.device
         B = len(prompts)
-        lens = torch.tensor([len(p.ids) for p in prompts])
-        W = int(lens.max())
-        ids = torch.full((B, W), self.pad, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p.ids)] = torch.tensor(p.ids)
-        attn = (torch.arange(W)[None, :] < lens[:, None]).long()
-        ids, attn = ids.to(device), attn.to(device)
-        pos = torch.arange(W, device=device)[None, :].expand(B, W)
-        # the first connector is fixed text: run it with the prompt
-        first_conn = self.steps[0][2]
-        if first_conn:
-            ids, attn, lens = self._append(ids, attn, lens, [first_conn] * B)
-            pos = self._positions(attn)
-        embeds = self._embed(ids, [p.soft for p in prompts])
-        cache = DynamicCache()
-        # logits only where they are read: each row's last real position
-        keep, where = torch.unique(lens - 1, return_inverse=True)
-        logp, cache = self._run(embeds=embeds, attn=attn, pos=pos, cache=cache, keep=keep.to(device))
-        last = logp[torch.arange(B), where.to(device)]  # [B, V]: next-token log-probs
+        seqs = [p.ids + self.steps[0][2] for p in prompts]  # the first connector is fixed text
+        if groups and len(groups) < B:
+            cache, attn, lens, last = self._prompt_shared(prompts, seqs, groups)
+        else:
+            cache, attn, lens, last = self._prompt_plain(prompts, seqs)
         results: list[dict[str, Any]] = [{"slots": {}, "slot_probabilities": {}} for _ in range(B)]
         for s, (name, options, _conn, opt_ids) in enumerate(self.steps):
             is_last = s == len(self.steps) - 1
@@ -578,23 +564,133 @@ class _Scorer:
                 lens = lens + clen
         return results
 
-    def _append(self, ids, attn, lens, tails: list[list[int]]):
-        """Append per-row token lists right after each row's real tokens (re-padding on the right)."""
-        B = ids.shape[0]
-        new_lens = lens + torch.tensor([len(t) for t in tails])
-        W = int(new_lens.max())
-        out = torch.full((B, W), self.pad, dtype=torch.long, device=ids.device)
-        for i in range(B):
-            n = int(lens[i])
-            out[i, :n] = ids[i, :n]
-            if tails[i]:
-                out[i, n:n + len(tails[i])] = torch.tensor(tails[i], device=ids.device)
-        mask = (torch.arange(W, device=ids.device)[None, :] < new_lens.to(ids.device)[:, None]).long()
-        return out, mask, new_lens
+    def _pad(self, rows: list[list[int]]):
+        lens = torch.tensor([len(r) for r in rows])
+        W = int(lens.max())
+        ids = torch.full((len(rows), W), self.pad, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        attn = (torch.arange(W)[None, :] < lens[:, None]).long()
+        return ids, attn, lens
 
-    @staticmethod
-    def _positions(attn):
-        return torch.arange(attn.shape[1], device=attn.device)[None, :].expand(attn.shape[0], -1)
+    def _prompt_plain(self, prompts, seqs):
+        from transformers import DynamicCache
+
+        device = self.model.device
+        ids, attn, lens = self._pad(seqs)
+        ids, attn = ids.to(device), attn.to(device)
+        pos = torch.arange(ids.shape[1], device=device)[None, :].expand(ids.shape[0], -1)
+        embeds = self._embed(ids, [p.soft for p in prompts])
+        # logits only where they are read: each row's last real position
+        keep, where = torch.unique(lens - 1, return_inverse=True)
+        logp, cache = self._run(embeds=embeds, attn=attn, pos=pos, cache=DynamicCache(), keep=keep.to(device))
+        last = logp[torch.arange(len(seqs), device=device), where.to(device)]  # [B, V] next-token log-probs
+        return cache, attn, lens, last
+
+    def _prompt_shared(self, prompts, seqs, groups):
+        from transformers import DynamicCache
+
+        device = self.model.device
+        B = len(seqs)
+        row_group = torch.zeros(B, dtype=torch.long)
+        shared = torch.zeros(B, dtype=torch.long)
+        for g, (rows, n) in enumerate(groups):
+            row_group[rows] = g
+            shared[rows] = n
+        # 1. each group's shared prefix once
+        heads = [seqs[rows[0]][:n] for rows, n in groups]
+        pids, pmask, plens = self._pad(heads)
+        psoft = [[(m, raw, st) for m, raw, st in prompts[rows[0]].soft if st < n] for rows, n in groups]
+        pids, pmask = pids.to(device), pmask.to(device)
+        pos = torch.arange(pids.shape[1], device=device)[None, :].expand(len(groups), -1)
+        cache = DynamicCache()
+        self._run(embeds=self._embed(pids, psoft), attn=pmask, pos=pos, cache=cache, keep=1)
+        # 2. one copy of its cache per row, then every row's own rest on top
+        cache.batch_select_indices(row_group.to(device))
+        tails = [seqs[i][int(shared[i]):] for i in range(B)]
+        sids, smask, slens = self._pad(tails)
+        ssoft = [[(m, raw, st - int(shared[i])) for m, raw, st in prompts[i].soft if st >= int(shared[i])]
+                 for i in range(B)]
+        sids, smask = sids.to(device), smask.to(device)
+        attn = torch.cat([pmask[row_group.to(device)], smask], dim=1)
+        pos = (shared[:, None] + torch.arange(sids.shape[1])[None, :]).to(device)
+        keep, where = torch.unique(slens - 1, return_inverse=True)
+        logp, cache = self._run(embeds=self._embed(sids, ssoft), attn=attn, pos=pos, cache=cache, keep=keep.to(device))
+        last = logp[torch.arange(B, device=device), where.to(device)]
+        return cache, attn, shared + slens, last
+
+
+# ============================================================================ shared prefixes
+MIN_SHARED = 16  # tokens: shorter common prefixes are not worth a separate forward
+
+
+def _identity(p: _Prompt) -> tuple:
+    """The prompt as comparable items: token ids, and soft tokens as (modality, input) so that two
+    prompts share a prefix only where their embeddings are identical too."""
+    ident: list[tuple] = [(0, t) for t in p.ids]
+    for m, raw, start in p.soft:
+        key = (1, m, ",".join(raw) if isinstance(raw, (list, tuple)) else str(raw))
+        pid = p.ids[start]
+        j = start
+        while j < len(p.ids) and p.ids[j] == pid:
+            ident[j] = key
+            j += 1
+    return tuple(ident)
+
+
+def _lcp(a: Sequence, b: Sequence) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _groups(idents: list[tuple], lengths: list[int]) -> list[tuple[list[int], int]]:
+    """Cut rows (in identity order) into runs sharing a prefix, maximising the tokens saved,
+    sum over runs of (size - 1) x shared length, by dynamic programming over the cut points."""
+    n = len(idents)
+    neighbour = [0] + [_lcp(idents[j - 1], idents[j]) for j in range(1, n)]
+    best = [0] * (n + 1)  # best[j]: the most tokens saved by rows[:j]
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        best[j], cut[j] = best[j - 1], j - 1  # row j-1 alone
+        shared = lengths[j - 1] - 1
+        for i in range(j - 2, -1, -1):  # run rows[i:j]
+            shared = min(shared, neighbour[i + 1], lengths[i] - 1)
+            if shared < MIN_SHARED:
+                break
+            gain = best[i] + (j - 1 - i) * shared
+            if gain > best[j]:
+                best[j], cut[j] = gain, i
+    runs = []
+    j = n
+    while j > 0:
+        i = cut[j]
+        shared = min([lengths[k] - 1 for k in range(i, j)] + [neighbour[k] for k in range(i + 1, j)])
+        runs.append((list(range(i, j)), shared))
+        j = i
+    return runs[::-1]
+
+
+def _plan_batches(prompts: list[tuple[int, _Prompt]], batch_size: int, extra: int):
+    """Order and cut the prompts into batches. When consecutive prompts (in identity order) share
+    a quarter or more of their tokens, as a screen's rows do, each batch carries groups of rows
+    with a common prefix; otherwise prompts are sorted by length (least padding) and not grouped."""
+    if not prompts:
+        return []
+    idents = {i: _identity(p) for i, p in prompts}
+    by_ident = sorted(prompts, key=lambda ip: idents[ip[0]])
+    shared = sum(_lcp(idents[a[0]], idents[b[0]]) for a, b in zip(by_ident, by_ident[1:]))
+    total = sum(len(p.ids) for _, p in prompts)
+    batches = []
+    if shared < 0.25 * total:
+        ordered = sorted(prompts, key=lambda ip: len(ip[1].ids))
+        return [(ordered[s:s + batch_size], None) for s in range(0, len(ordered), batch_size)]
+    for s in range(0, len(by_ident), batch_size):
+        chunk = by_ident[s:s + batch_size]
+        batches.append((chunk, _groups([idents[i] for i, _ in chunk], [len(p.ids) + extra for _, p in chunk])))
+    return batches
 
 
 # ============================================================================ adapter fusion
@@ -655,12 +751,14 @@ def predict(
     progress: Progress | None = None,
     protein_policy: str = "replace",
     fuse: bool | None = None,
+    share_prefixes: bool = True,
 ) -> list[Prediction]:
     """Score ``task``'s options for every sample with ``model`` (whatever adapter it has active).
 
     Invalid samples come back as ``Prediction(ok=False, error=...)``; the others are unaffected.
     ``k`` > 0 puts the k most similar ``support`` examples (labelled with ``task``'s options) in
-    front of each query. ``fuse``: see :func:`fused_adapter` (None = automatic)."""
+    front of each query. ``fuse``: see :func:`fused_adapter` (None = automatic).
+    ``share_prefixes``: run a prefix common to several rows (a screen's drug and protein) once."""
     task = get_task(task)
     if batch_size < 1:
         raise EsMergingError("batch_size must be >= 1")
@@ -690,14 +788,12 @@ def predict(
         except (InvalidInputError, ProbeError) as exc:
             out[i] = Prediction(index=i, id=ident, ok=False, error=str(exc), task=task.name)
     scorer = _Scorer(model, task)
-    prompts.sort(key=lambda ip: len(ip[1].ids))
     done = len(items) - len(prompts)
     if progress:
         progress("predict", done, len(items))
     with fused_adapter(model, fuse if prompts else False):
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            results = scorer.score([p for _, p in chunk])
+        for chunk, groups in _plan_batches(prompts, batch_size, len(scorer.steps[0][2])):
+            results = scorer.score([p for _, p in chunk], groups if share_prefixes else None)
             for (i, p), r in zip(chunk, results):
                 item = items[i]
                 ident = item.id if isinstance(item, ProbeSample) else (item.get("id") if isinstance(item, dict) else None)

@@ -230,3 +230,33 @@ def test_fused_adapter_is_exactly_undone(model, world_samples):
     with fused_adapter(model) as did:  # the base: nothing to fuse
         assert did is False
     model.set_adapter("molecule")
+
+
+@pytest.mark.parametrize("task", ["triple_effect", "embedded"])
+def test_shared_prefixes_change_no_score(model, world_samples, task):
+    """Rows sharing drug and protein (a screen) run their common prefix once: same scores."""
+    rows = [ProbeSample(smiles=d.smiles, protein=p.protein, cell=c.cell)
+            for d in world_samples[:2] for p in world_samples[2:4] for c in world_samples[4:8]]
+    shared = predict(model, rows, task, batch_size=7)
+    plain = predict(model, rows, task, batch_size=7, share_prefixes=False)
+    for a, b in zip(shared, plain):
+        assert a.slots == b.slots and a.choice == b.choice
+        for o in a.log_likelihoods:
+            assert a.log_likelihoods[o] == pytest.approx(b.log_likelihoods[o], abs=1e-4)
+
+
+def test_plan_batches_groups_screen_rows(model, world_samples):
+    from es_merging.predict import _plan_batches
+
+    task = get_task("triple_effect")
+    rows = [ProbeSample(smiles=d.smiles, protein=p.protein, cell=c.cell)
+            for d in world_samples[:2] for p in world_samples[2:4] for c in world_samples[4:8]]
+    prompts = [(i, build_prompt(model, r, task)) for i, r in enumerate(rows)]
+    batches = _plan_batches(prompts, 32, 0)
+    chunk, groups = batches[0]
+    assert sorted(len(g[0]) for g in groups) == [4, 4, 4, 4]  # one group per (drug, protein)
+    for members, n in groups:
+        ids = [chunk[j][1].ids for j in members]
+        assert all(x[:n] == ids[0][:n] for x in ids) and n >= 16
+    distinct = [(i, build_prompt(model, s, task)) for i, s in enumerate(world_samples)]
+    assert all(g is None for _, g in _plan_batches(distinct, 4, 0))
