@@ -102,3 +102,18 @@ def test_logistic_head_and_features(zoo_dir):
                              "dti")
     assert feats.shape == (2, model.config.hidden_size) and errors[0] is None and "C1CC" in errors[1]
     assert np.abs(feats[0]).sum() > 0 and not feats[1].any()
+
+
+def test_real_suite_end_to_end_small(data_dir, zoo_dir):
+    from es_merging.bench.real import render_markdown, run_suite
+
+    data = run_suite(data_dir=data_dir, zoo=str(zoo_dir), seeds=1, datasets=["davis", "gdsc"],
+                     models="base,average:factor", n_train=12, n_test=8, k=2, protein_crop=48)
+    assert {(r["method"], r["dataset"], r["protocol"]) for r in data["results"]} == {
+        (m, d, p) for m in ("base", "average") for d in ("davis", "gdsc") for p in ("kshot", "head")}
+    assert not [r for r in data["results"] if r.get("error")]
+    for r in data["results"]:
+        assert 0.0 <= r["metrics"]["accuracy"] <= 1.0
+        assert r["per_seed"][0].get("failed", 0) == 0
+    assert data["splits"]["davis"][0]["n_test"] == 8 and "not implemented" in data["adaptation"]
+    assert "**davis**" in render_markdown(data)
