@@ -211,7 +211,8 @@ def screen(
                     fh.write(f"{rank},{line}")
                     if rank <= show:
                         values = next(csv.reader([line]))
-                        top.append({"rank": rank, **dict(zip(header, values))})
+                        row = dict(zip(header, values))
+                        top.append({"rank": rank, **{k: float(v) if k.startswith("p_") else v for k, v in row.items()}})
             os.replace(tmp_name, out)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
