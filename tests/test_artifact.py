@@ -199,3 +199,31 @@ def test_load_model_dense_output(zoo, tmp_path):
     merged = load_dir(tmp_path / "dense")
     torch.testing.assert_close(model.backbone.model.layers[0].self_attn.q_proj.weight,
                                merged["model.layers.0.self_attn.q_proj.weight"])
+
+
+@pytest.mark.slow
+@needs_mllm
+def test_es_merge_on_the_zoo_loads_and_answers(zoo_dir, zoo_probe, tmp_path, capsys):
+    """`es-merging merge --method es` on the embedded zoo: load_model works and answers a forward pass."""
+    from es_merging.cli import main
+
+    out = tmp_path / "es"
+    assert main(["merge", "--base", str(zoo_dir / "base"), "--experts", *(str(zoo_dir / m) for m in ("molecule", "protein", "cell")),
+                 "--method", "es", "--probe", str(zoo_probe), "--out", str(out), "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["mode"] == "factor" and summary["timings"]["signals"] > 0
+    m = read_manifest(out)
+    assert set(m["encoders"]) == {"molecule", "protein"} and m["probe"]["hash"].startswith("sha256:")
+    report = json.loads((out / "report.json").read_text())
+    lam = torch.tensor([row["lambda"] for row in report["lambda"]])
+    assert lam.shape == (3, json.loads((zoo_dir / "base" / "config.json").read_text())["num_hidden_layers"])
+    torch.testing.assert_close(lam.sum(0), torch.ones(lam.shape[1]), atol=1e-5, rtol=0)  # softmax over experts
+    import matplotlib.image
+
+    assert matplotlib.image.imread(str(out / "layer_coefficients.png")).shape[2] in (3, 4)
+    model = load_model(out)
+    assert model.active_adapter == "merged"
+    ids = model.tokenizer("Molecule: lipophilic", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model.backbone(input_ids=ids).logits
+    assert logits.shape[:2] == ids.shape and torch.isfinite(logits).all()
