@@ -215,6 +215,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mergekit-bin", help="path of mergekit-yaml (default: on PATH)")
     p.add_argument("--no-mergekit", action="store_true", help="skip mergekit even when installed")
     p.add_argument("--no-double", action="store_true", help="skip the doubled-layers run")
+    p.add_argument("--mergekit-doubled", action="store_true",
+                   help="also run mergekit on the doubled checkpoints (the ratio uses the first configuration)")
     p.add_argument("--workdir", help="where checkpoints are written (default: a temporary directory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=3600, help="seconds per merge run")
@@ -235,6 +237,7 @@ def bench_merge_scale(args: argparse.Namespace) -> dict[str, Any]:
         "shapes": {"hidden": args.hidden, "intermediate": intermediate, "vocab": args.vocab, "layers": layers},
         "largest_tensor_mb": round(args.vocab * args.hidden * 4 / 2**20, 1),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
         "mergekit_bin": mergekit, "mergekit_version": _mergekit_version(mergekit) if mergekit else None,
     }
     try:
@@ -244,10 +247,12 @@ def bench_merge_scale(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             base, experts = write_checkpoints(ckpt, experts=args.experts, layers=n_layers, hidden=args.hidden,
                                               intermediate=intermediate, vocab=args.vocab, seed=args.seed)
+            with_mk = mergekit if (label == "base" or args.mergekit_doubled) else None
             runs[label] = {"layers": n_layers, "build_s": round(time.perf_counter() - t0, 2),
-                           **_run_pair(root, base, experts, args, mergekit)}
+                           **_run_pair(root, base, experts, args, with_mk)}
             shutil.rmtree(ckpt, ignore_errors=True)  # free the disk before the next configuration
         result["runs"] = runs
+        result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
         result.update(_headline(runs, mergekit is not None))
     finally:
         shutil.rmtree(root, ignore_errors=True)
