@@ -9,8 +9,12 @@ Why it reads and writes safetensors itself instead of ``safe_open`` / ``save_fil
 - ``save_file`` needs a whole shard in memory. Every output shape and dtype is known at planning
   time, so each shard's header is computed up front and tensors go to disk as they are merged: the
   shard size then sets file sizes only, never memory.
-Peak memory is therefore (E + 2) x the largest tensor (the expert stack, the base, the method's
-result) plus the method's own temporaries and a fixed overhead, whatever the model or shard size.
+Peak memory is therefore the expert stack (E x the largest tensor, reused from tensor to tensor),
+the method's result, an 8 MiB chunk through which the base streams, and a fixed overhead: (E + 1)
+x the largest tensor whatever the model or shard size, plus what the method itself allocates
+(peft's TIES: about 16 tensors' worth of temporaries on a 3-expert stack). Methods may
+modify the ``deltas`` they are given in place (the engine does not read them afterwards) and the
+engine may modify the tensor a method returns (it adds the base into it).
 
 Files are standard safetensors (checked by the tests with ``safetensors.safe_open``/``load_file``).
 """
