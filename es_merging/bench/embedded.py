@@ -274,13 +274,6 @@ def run_suite(*, zoo: str | None = None, preset: str = "tiny", seeds: int = 3, m
                     if progress:
                         progress(f"seed {seed}: {_label(method, mode)}", done, total)
                 timings[f"{_label(method, mode)} seed {seed}"] = round(sum(scores["seconds"].values()), 2)
-            for (method, mode), runs in per.items():
-                run = runs[-1]
-                if "error" in run:
-                    continue
-                run["preservation_ratio"] = {
-                    m: (run["preservation"][m] - chance[m]) / (expert_scores[m] - chance[m])
-                    if abs(expert_scores[m] - chance[m]) > 1e-9 else float("nan") for m in MODALITIES}
         results = []
         for (method, mode), all_runs in per.items():
             runs = [r for r in all_runs if "error" not in r]
@@ -295,14 +288,13 @@ def run_suite(*, zoo: str | None = None, preset: str = "tiny", seeds: int = 3, m
             row["interactive"]["sd"] = dict(row["interactive_sd"])
             for m in MODALITIES:
                 row["preservation"][m], row["preservation_sd"][m] = _mean_sd([r["preservation"][m] for r in runs])
-                row["preservation_ratio"][m] = _mean_sd([r["preservation_ratio"][m] for r in runs])[0]
             row["per_seed"] = all_runs
             errors = [r["error"] for r in all_runs if "error" in r]
             if errors:
                 row["error"] = errors[0] + (f" ({len(errors)} of {len(all_runs)} seeds)" if len(all_runs) > 1 else "")
             results.append(_round(row))
         timings["total"] = round(time.time() - t_all, 1)
-        return {
+        return finalize({
             "suite": "embedded",
             "command": command,
             "seeds": list(range(seeds)),
@@ -312,11 +304,11 @@ def run_suite(*, zoo: str | None = None, preset: str = "tiny", seeds: int = 3, m
             "probe": {"n": probe_n, "split": "train", "seed": "seed"},
             "chance": {"interactive_accuracy": 0.5, **{f"preservation_{m}": round(chance[m], 4) for m in MODALITIES}},
             "zoo_quality": report.get("quality"),
+            "zoo_gates": report.get("gates"),
             "results": results,
-            "notes": notes(results),
             "timings_s": timings,
             "threads": _threads(),
-        }
+        })
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -337,32 +329,91 @@ def _round(obj, nd: int = 4):
     return obj
 
 
-def notes(results: list[dict[str, Any]]) -> list[str]:
+RATIO_MIN_MARGIN = 0.05  # an expert closer than this to chance on its own slot leaves the ratio undefined
+
+
+def finalize(data: dict[str, Any]) -> dict[str, Any]:
+    """Preservation ratios and notes, computed from the rows' per-seed results (so that a saved
+    JSON can be re-finalised). ratio[m] = (model - chance) / (expert_m - chance) per seed, then
+    the mean; undefined (null) for modality m when m's expert (mean over seeds) is within
+    RATIO_MIN_MARGIN of chance, and for a seed where that seed's expert is."""
+    chance = {m: data["chance"][f"preservation_{m}"] for m in MODALITIES}
+    experts = {r["method"]: r for r in data["results"] if r["method"] in MODALITIES}
+    undefined = {m for m in MODALITIES if m not in experts or experts[m]["preservation"].get(m) is None
+                 or experts[m]["preservation"][m] - chance[m] < RATIO_MIN_MARGIN}
+    for row in data["results"]:
+        ratios: dict[str, list[float]] = {m: [] for m in MODALITIES}
+        for s, run in enumerate(row["per_seed"]):
+            if "error" in run:
+                continue
+            run["preservation_ratio"] = {}
+            for m in MODALITIES:
+                ref = experts.get(m, {}).get("per_seed", [{}] * (s + 1))[s].get("preservation", {}).get(m)
+                if m in undefined or ref is None or ref - chance[m] < RATIO_MIN_MARGIN:
+                    run["preservation_ratio"][m] = None
+                    continue
+                value = (run["preservation"][m] - chance[m]) / (ref - chance[m])
+                run["preservation_ratio"][m] = round(value, 4)
+                ratios[m].append(value)
+        row["preservation_ratio"] = {m: round(statistics.fmean(v), 4) if v else None for m, v in ratios.items()}
+    data["notes"] = notes(data, undefined)
+    return data
+
+
+def notes(data: dict[str, Any], undefined: set[str] = frozenset()) -> list[str]:
     """Plain statements computed from the table (never written by hand)."""
+    results = data["results"]
+    out = []
+    gates = data.get("zoo_gates") or {}
+    failed = [g for g, ok in gates.items() if g != "all_pass" and ok is False]
+    if failed:
+        out.append(f"the zoo fails its quality gates ({', '.join(failed)}): where an expert does not perceive "
+                   "its modality there is nothing for a merge to preserve, so those columns say little")
+    for m in sorted(undefined):
+        out.append(f"the {m} expert is within {RATIO_MIN_MARGIN} of chance on its own slot (mean over seeds): "
+                   f"{m} ratios are undefined (null)")
     merges = [r for r in results if r["kind"] == "merge" and r["interactive"]["accuracy"] is not None]
     if not merges:
-        return []
-    acc = lambda r: r["interactive"]["accuracy"] if r["interactive"]["accuracy"] is not None else -1.0  # noqa: E731
-    mean_ratio = lambda r: statistics.fmean([v if v is not None else 0.0 for v in r["preservation_ratio"].values()])  # noqa: E731
-    out = []
+        return out
+    n = data.get("eval", {}).get("n") or 1
+    n_total = n * max(1, len(data.get("seeds", [0])))
+
+    def acc(r):
+        return r["interactive"]["accuracy"] if r["interactive"]["accuracy"] is not None else -1.0
+
+    def mean_ratio(r):
+        vals = [v for v in r["preservation_ratio"].values() if v is not None]
+        return statistics.fmean(vals) if vals else float("-inf")
+
+    def band(a, b):  # 95% band of a difference of two accuracies on n_total samples each (binomial)
+        p = (a + b) / 2
+        return 1.96 * math.sqrt(max(2 * p * (1 - p) / n_total, 0.0))
+
     best = max(merges, key=acc)
-    out.append(f"best merge by interactive accuracy: {best['label']} ({best['interactive']['accuracy']:.3f})")
+    out.append(f"best merge by interactive accuracy: {best['label']} ({acc(best):.3f})")
     es = [r for r in merges if r["method"].startswith("es")]
     base = [r for r in merges if not r["method"].startswith("es")]
     if es and base:
         best_es, best_base = max(es, key=acc), max(base, key=acc)
-        verdict = "beats" if acc(best_es) > acc(best_base) else "does not beat"
+        d, w = acc(best_es) - acc(best_base), band(acc(best_es), acc(best_base))
+        verdict = "beats" if d > 0 else "does not beat"
+        noise = "within" if abs(d) <= w else "outside"
         out.append(f"ES-Merging {verdict} the best baseline merge on interactive accuracy: "
-                   f"{best_es['label']} {acc(best_es):.3f} vs {best_base['label']} {acc(best_base):.3f}")
-        be, bb = max(es, key=mean_ratio), max(base, key=mean_ratio)
-        verdict = "beats" if mean_ratio(be) > mean_ratio(bb) else "does not beat"
-        out.append(f"ES-Merging {verdict} the best baseline on mean preservation ratio: "
-                   f"{be['label']} {mean_ratio(be):.3f} vs {bb['label']} {mean_ratio(bb):.3f}")
-    ft = [r for r in results if r["method"] == FINETUNED]
+                   f"{best_es['label']} {acc(best_es):.3f} vs {best_base['label']} {acc(best_base):.3f} "
+                   f"(difference {d:+.3f}, {noise} the 95% sampling band ±{w:.3f})")
+        if any(mean_ratio(r) != float("-inf") for r in merges):
+            be, bb = max(es, key=mean_ratio), max(base, key=mean_ratio)
+            verdict = "beats" if mean_ratio(be) > mean_ratio(bb) else "does not beat"
+            out.append(f"ES-Merging {verdict} the best baseline on mean preservation ratio (defined modalities): "
+                       f"{be['label']} {mean_ratio(be):.3f} vs {bb['label']} {mean_ratio(bb):.3f}")
+    ft = [r for r in results if r["method"] == FINETUNED and r["interactive"]["accuracy"] is not None]
     if ft:
         verdict = "above" if acc(best) > acc(ft[0]) else "below"
         out.append(f"the best merge is {verdict} the task-specific fine-tuned model "
                    f"({acc(best):.3f} vs {acc(ft[0]):.3f})")
+    chance_hits = [r["label"] for r in merges if abs(acc(r) - 0.5) <= band(acc(r), 0.5) / math.sqrt(2)]
+    if len(chance_hits) == len(merges):
+        out.append("every merge is within sampling noise of chance (0.5) on the interactive task")
     return out
 
 
