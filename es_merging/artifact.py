@@ -223,7 +223,7 @@ def model_card(manifest: dict[str, Any], lam_table: list[dict] | None, out_name:
     lines += ["", "## How", "",
               f"- method: `{m['method']['name']}` ({params})",
               f"- mode: `{m['mode']}`" + (f", re-factored to rank {m['rank']}" if m["rank"] else ""),
-              f"- output: {'PEFT LoRA adapter (lora_alpha == r: the experts' scalings are folded into B)' if m['backbone']['format'] == 'adapter' else 'full checkpoint (base + merged delta)'}",
+              f"- output: {'PEFT LoRA adapter (lora_alpha == r: each expert scaling is folded into B)' if m['backbone']['format'] == 'adapter' else 'full checkpoint (base + merged delta)'}",
               f"- seed: {m['seeds']['seed']}" + (f"; probe `{m['probe']['path']}` (`{m['probe']['hash'][:23]}...`)" if m["probe"] else ""),
               "- stage timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in m["timings"].items()), ""]
     if lam_table:
