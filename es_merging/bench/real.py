@@ -228,7 +228,7 @@ def metrics(true: Sequence[str], pred: Sequence[str], p_pos: Sequence[float], op
 
 
 def run_protocols(model, train: list[Pair], test: list[Pair], task_name: str, *, k: int, seed: int,
-                  batch_size: int, protocols: Sequence[str]) -> dict[str, Any]:
+                  batch_size: int, protocols: Sequence[str], support=None) -> dict[str, Any]:
     from es_merging.predict import SupportSet, features, get_task, predict
 
     task = get_task(task_name)
@@ -237,7 +237,8 @@ def run_protocols(model, train: list[Pair], test: list[Pair], task_name: str, *,
     out: dict[str, Any] = {}
     if "kshot" in protocols:
         t = time.time()
-        support = SupportSet([p.sample(with_label=True) for p in train]) if k else None
+        if support is None and k:
+            support = SupportSet([p.sample(with_label=True) for p in train])
         preds = predict(model, [p.sample() for p in test], task, support=support, k=k, batch_size=batch_size)
         ok = [(p, lab) for p, lab in zip(preds, truth) if p.ok]
         out["kshot"] = {**metrics([lab for _, lab in ok], [p.choice for p, _ in ok],
@@ -276,7 +277,7 @@ def run_suite(*, data_dir: str | Path, zoo: str | None = None, preset: str = "ti
     from es_merging.bench.embedded import MODALITIES, _label, parse_methods, resolve_zoo
     from es_merging.merge_api import run_merge
     from es_merging.options import MergeOptions
-    from es_merging.predict import get_task, load_zoo_model
+    from es_merging.predict import SupportSet, get_task, load_zoo_model
     from es_merging.zoo import probe_from_zoo
 
     data_dir = Path(data_dir)
@@ -311,7 +312,8 @@ def run_suite(*, data_dir: str | Path, zoo: str | None = None, preset: str = "ti
                 train = stratified_sample([p for p in data[name] if p.drug in tr], n_train, seed, options)
                 test = stratified_sample([p for p in data[name] if p.drug in te], n_test, seed + 1000, options)
                 assert not ({p.drug for p in train} & {p.drug for p in test})
-                sets[name] = (train, test)
+                support = SupportSet([p.sample(with_label=True) for p in train]) if k and "kshot" in protocols else None
+                sets[name] = (train, test, support)
                 splits[name].append({"seed": seed, "train_drugs": len(tr), "test_drugs": len(te),
                                      "n_train": len(train), "n_test": len(test)})
             probe_path = workdir / f"probe-{seed}.json"
@@ -338,9 +340,9 @@ def run_suite(*, data_dir: str | Path, zoo: str | None = None, preset: str = "ti
                         continue
                     model = load_model(out)
                 for name in datasets:
-                    train, test = sets[name]
+                    train, test, support = sets[name]
                     res = run_protocols(model, train, test, TASK_OF[name], k=k, seed=seed, batch_size=batch_size,
-                                        protocols=protocols)
+                                        protocols=protocols, support=support)
                     for proto, r in res.items():
                         per.setdefault((method, mode, name, proto), []).append({"seed": seed, **r})
                 if method not in ("base", *MODALITIES):
