@@ -1,13 +1,19 @@
 """Molecule modality: RDKit parsing with RDKit's reason, descriptors, fingerprints, batches."""
 from __future__ import annotations
 
+import functools
+import json
+import os
+
 import numpy as np
 import pytest
-from rdkit import Chem
-from rdkit.Chem import QED
+from rdkit import Chem, RDConfig, rdBase
+from rdkit.Chem import QED, Crippen, rdinchi
+from rdkit.Chem import rdMolDescriptors as rdmd
 
 from es_merging.errors import InvalidInputError
 from es_merging.modalities import MODALITIES, inspect
+from es_merging.modalities import molecule as molecule_module
 from es_merging.modalities.molecule import (
     describe_molecule, inspect_molecules, morgan_fingerprint, morgan_fingerprints, parse_molecule, qed, tanimoto,
     tanimoto_matrix,
@@ -144,3 +150,168 @@ def test_inspect_benchmark_smoke():
     result = bench_inspect(n=40, seed=1, repeats=1)
     assert result["smiles_per_s"] > 0 and result["proteins_per_s"] > 0
     assert result["n"] == 40 and 10 < result["mean_heavy_atoms"] < 40
+
+
+# ---------------------------------------------------------------------------------------------
+# The shorter routes to RDKit's numbers (crippen_logp, QED's screened alerts, compiled counts,
+# stage-by-stage batches) must give RDKit's values exactly, on a few hundred varied molecules.
+# ---------------------------------------------------------------------------------------------
+# hydroxyl hydrogens of every Crippen type, charges, metals, isotopes, explicit H atoms, cumulenes...
+EDGE_SMILES = [
+    "O", "[OH-]", "OO", "OS(=O)(=O)O", "ON", "CC(=O)O", "C=CO", "OC=N", "OC=S", "O[Si](C)(C)C", "OB(O)c1ccccc1",
+    "OP(=O)(O)O", "[OH3+]", "C=[OH+]", "OCl", "O[N+](=O)[O-]", "Oc1ccccc1", "OC1=CC=CC1", "[H]O[H]", "[2H]O",
+    "[oH+]1cccc1", "S", "[SH-]", "P", "B", "[SeH2]", "Cl", "[NH4+]", "[H][H]", "*O", "OC#N", "OS", "O[S+](C)C",
+    "OOC(=O)C", "OI", "O=C(O)C=O", "OC=[N+]=[N-]", "O[13CH3]", "C1=C=C=C=C=C=1", "[Na+].[O-]c1ccccc1",
+    "[Fe+2].[OH-].[OH-]", "FC(F)(F)C(F)(F)F", "CC(C)(C)C#CC(=O)N(C)C", "ClC(Cl)(Cl)c1ccccc1", "C#N",
+    "NC(=[NH2+])c1ccccc1", "C12C3C4C1C5C2C3C45", "c1ccc2cc3ccccc3cc2c1", "O=C1OC(=O)c2ccccc12",
+]
+
+
+@functools.lru_cache(maxsize=1)
+def _varied_molecules() -> list:
+    from es_merging.bench.inspect_bench import make_smiles
+
+    smiles = [s for s in make_smiles(150, seed=11) if not s.endswith("C9")] + EDGE_SMILES + [ASPIRIN, IMATINIB]
+    nci = os.path.join(RDConfig.RDDataDir, "NCI", "first_5K.smi")  # ships with RDKit: metals, salts, oddities
+    if os.path.exists(nci):
+        with open(nci) as handle:
+            smiles += [line.split()[0] for line in handle if line.strip()][:4000:16]
+    with rdBase.BlockLogs():
+        mols = [m for m in (Chem.MolFromSmiles(s) for s in smiles) if m is not None and m.GetNumAtoms()]
+    return mols + [Chem.AddHs(m) for m in mols[:20]]  # explicit hydrogen atoms take RDKit's own route
+
+
+def _reference_description(mol) -> dict:
+    """describe_molecule as RDKit computes it, one function per value (the pre-optimisation code)."""
+    inchi, _ret, _msg, _log, _aux = rdinchi.MolToInchi(mol)
+    mw, logp = rdmd._CalcMolWt(mol), Crippen.MolLogP(mol)
+    hbd, hba = rdmd.CalcNumHBD(mol), rdmd.CalcNumHBA(mol)
+    violations = int(mw > 500) + int(logp > 5) + int(hbd > 5) + int(hba > 10)
+    return {
+        "canonical_smiles": Chem.MolToSmiles(mol), "inchikey": rdinchi.InchiToInchiKey(inchi) if inchi else None,
+        "formula": rdmd.CalcMolFormula(mol), "mw": round(mw, 4), "logp": round(logp, 4),
+        "tpsa": round(rdmd.CalcTPSA(mol), 4), "hbd": hbd, "hba": hba,
+        "rotatable_bonds": rdmd.CalcNumRotatableBonds(mol, rdmd.NumRotatableBondsOptions.Strict),
+        "aromatic_rings": rdmd.CalcNumAromaticRings(mol), "heavy_atoms": mol.GetNumHeavyAtoms(),
+        "fragments": len(Chem.GetMolFrags(mol)), "qed": round(QED.qed(mol), 4),
+        "lipinski_violations": violations, "lipinski_pass": violations <= 1,
+    }
+
+
+def test_varied_molecules_cover_enough():
+    assert len(_varied_molecules()) > 300
+
+
+def test_crippen_logp_is_bit_identical_to_rdkit():
+    for mol in _varied_molecules():
+        expected = Crippen.MolLogP(Chem.Mol(mol))
+        assert molecule_module.crippen_logp(Chem.Mol(mol)) == expected, Chem.MolToSmiles(mol)
+        assert molecule_module.crippen_logp(Chem.Mol(mol), Chem.MolToSmiles(mol)) == expected, Chem.MolToSmiles(mol)
+
+
+def test_qed_is_identical_to_rdkit():
+    # the alert screen, the rarest-first alert order and the reused values must not change a bit
+    for mol in _varied_molecules():
+        assert tuple(molecule_module._qed_properties(Chem.Mol(mol))) == tuple(QED.properties(Chem.Mol(mol))), \
+            Chem.MolToSmiles(mol)
+        assert qed(Chem.Mol(mol)) == QED.qed(Chem.Mol(mol)), Chem.MolToSmiles(mol)
+
+
+def test_compiled_counts_equal_rdkit():
+    assert set(molecule_module._fast_counts()) == {"rotb", "hba"}  # the panel check passed on this RDKit
+    assert molecule_module._crippen_heavy() is not None
+    strict = rdmd.NumRotatableBondsOptions.Strict
+    for mol in _varied_molecules():
+        assert molecule_module._rotatable_bonds(mol) == rdmd.CalcNumRotatableBonds(mol, strict)
+        assert molecule_module._lipinski_hba(mol) == rdmd.CalcNumHBA(mol)
+
+
+def test_describe_equals_rdkit_reference_at_both_levels():
+    mols = _varied_molecules()
+    batch = molecule_module._describe_mols([Chem.Mol(m) for m in mols], "full")  # the stage-by-stage route
+    for mol, (desc, _warnings) in zip(mols, batch):
+        expected = _reference_description(Chem.Mol(mol))
+        assert desc == expected and list(desc) == list(expected), Chem.MolToSmiles(mol)
+        basic = describe_molecule(Chem.Mol(mol), detail="basic")
+        assert basic == {k: v for k, v in expected.items() if k not in ("qed", "inchikey")}
+        assert list(basic) == [k for k in expected if k not in ("qed", "inchikey")]
+
+
+def test_fast_routes_fall_back_to_rdkit_when_a_check_fails(monkeypatch):
+    # a pattern that disagrees with RDKit on the panel is dropped; a missing Crippen table too
+    monkeypatch.setattr(molecule_module, "_STRICT_ROTOR", "[!D1]-&!@[!D1]")
+    monkeypatch.setattr(RDConfig, "RDDataDir", "/nonexistent")
+    molecule_module._fast_counts.cache_clear()
+    molecule_module._crippen_heavy.cache_clear()
+    try:
+        assert set(molecule_module._fast_counts()) == {"hba"}
+        assert molecule_module._crippen_heavy() is None
+        mol = parse_molecule(IMATINIB)
+        strict = rdmd.NumRotatableBondsOptions.Strict
+        assert molecule_module._rotatable_bonds(mol) == rdmd.CalcNumRotatableBonds(mol, strict)
+        assert molecule_module.crippen_logp(mol, Chem.MolToSmiles(mol)) == Crippen.MolLogP(Chem.Mol(mol))
+    finally:
+        monkeypatch.undo()
+        molecule_module._fast_counts.cache_clear()
+        molecule_module._crippen_heavy.cache_clear()
+    assert set(molecule_module._fast_counts()) == {"rotb", "hba"}
+
+
+def test_alert_screen_keeps_what_can_match():
+    screen = molecule_module._alert_screen()
+    ethanol = parse_molecule("CCO")
+    kept = set(screen.kept(molecule_module._signature(ethanol, "CCO")))
+    assert len(kept) < 60  # no aromatic atom, no halogen, no S, no '=': most alerts cannot match
+    everything = "CC#CC=CCl.Br.I.F.[Na+].[O-]c1ccsc1.c1cc[n+](C)cc1.[13CH4].[15NH3].[18OH2].[34SH2].P.[SiH4].[SeH2].B"
+    mol = parse_molecule(everything)
+    assert len(screen.kept(molecule_module._signature(mol, Chem.MolToSmiles(mol)))) > 100
+    # a SMILES that does not account for every atom (not the molecule's own): no screening at all
+    assert molecule_module._signature(ethanol, "CC") is None
+    assert screen.kept(None) == tuple(range(len(screen.patterns)))
+
+
+def test_detail_basic_and_cache_per_level():
+    basic = inspect_molecules([ASPIRIN, "C1CC", "CC(O)CBr"], detail="basic")
+    assert [r.ok for r in basic] == [True, False, True]
+    assert "qed" not in basic[0].descriptors and "inchikey" not in basic[0].descriptors
+    assert basic[0].descriptors["logp"] == pytest.approx(1.3101, abs=1e-4)
+    assert not any("stereo" in w for w in basic[2].warnings)  # InChI's messages come with the InChIKey
+    full = inspect_molecules([ASPIRIN, "CC(O)CBr"])  # the cached basic entry must not answer a full request
+    assert full[0].descriptors["inchikey"] == "BSYNRYMUTXBXSQ-UHFFFAOYSA-N" and "qed" in full[0].descriptors
+    assert any("undefined stereo" in w for w in full[1].warnings)
+    with pytest.raises(InvalidInputError, match="unknown detail level"):
+        inspect_molecules([ASPIRIN], detail="fast")
+    with pytest.raises(InvalidInputError, match="unknown detail level"):
+        describe_molecule(parse_molecule(ASPIRIN), detail="")
+
+
+def test_batch_order_duplicates_and_chunks(monkeypatch):
+    monkeypatch.setattr(molecule_module, "_CHUNK", 3)  # several stage-by-stage chunks
+    molecule_module._describe_text.cache_clear()
+    items = ["CCO", " CCO ", ASPIRIN, "C1CC", "", IMATINIB, "CCO", 7, "c1ccccc1", "CC(=O", ASPIRIN, "CCN"]
+    results = inspect_molecules(items)
+    assert [r.index for r in results] == list(range(len(items)))
+    assert [r.ok for r in results] == [True, True, True, False, False, True, True, False, True, False, True, True]
+    assert results[1].input == " CCO " and results[1].descriptors == results[0].descriptors
+    assert results[0].descriptors is not results[6].descriptors  # each result owns its dict
+    assert results[5].descriptors["formula"] == "C29H31N7O"
+    assert "unclosed ring" in results[3].error and "empty SMILES" in results[4].error
+    one_by_one = [inspect_molecules([x])[0].model_dump() for x in items]
+    assert [r.model_dump() for r in results] == [dict(r, index=i) for i, r in enumerate(one_by_one)]
+
+
+def test_inspect_cli_detail_basic(capsys):
+    from es_merging.cli import main
+
+    code = main(["inspect", "molecule", ASPIRIN, "--detail", "basic"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and "qed" not in out[0]["descriptors"] and out[0]["descriptors"]["hba"] == 3
+
+
+def test_inspect_benchmark_reports_both_levels():
+    from es_merging.bench.inspect_bench import bench_inspect
+
+    result = bench_inspect(n=30, seed=2, repeats=1)
+    assert result["smiles_basic_per_s"] > 0 and result["smiles_basic_per_cpu_s"] > 0
+    assert set(result["smiles_detail_levels"]) == {"full", "basic"}
+    assert set(result["meets_target"]) == {"smiles_full", "smiles_basic", "proteins"}

@@ -22,6 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mol.add_argument("smiles", nargs="*", metavar="SMILES")
     mol.add_argument("--file", type=Path, help="a text file with one SMILES per line (first column)")
     mol.add_argument("--max-length", type=int, default=2000)
+    mol.add_argument("--detail", choices=("full", "basic"), default="full",
+                     help="full: every descriptor (default); basic: without QED and InChIKey, ~2x faster")
     mol.set_defaults(func=_molecule)
 
     prot = sub.add_parser("protein", help="protein sequences (ProtParam descriptors)")
@@ -68,7 +70,7 @@ def _molecule(args: argparse.Namespace) -> int:
         items += [ln.split()[0] for ln in _read_text(args.file, "SMILES").splitlines() if ln.strip()]
     if not items:
         raise InvalidInputError("", "no SMILES given", hint="pass SMILES arguments or --file")
-    return _emit(inspect_molecules(items, max_length=args.max_length))
+    return _emit(inspect_molecules(items, max_length=args.max_length, detail=args.detail))
 
 
 def _protein(args: argparse.Namespace) -> int:
