@@ -227,3 +227,20 @@ def test_es_merge_on_the_zoo_loads_and_answers(zoo_dir, zoo_probe, tmp_path, cap
     with torch.no_grad():
         logits = model.backbone(input_ids=ids).logits
     assert logits.shape[:2] == ids.shape and torch.isfinite(logits).all()
+
+
+def test_run_merge_cancelled_midway_leaves_nothing(zoo, tmp_path):
+    import threading
+
+    from es_merging.engine import MergeCancelled
+
+    cancel = threading.Event()
+
+    def progress(stage, done, total):
+        if stage == "merge" and done == 3:
+            cancel.set()
+
+    opts = MergeOptions(base=zoo["base"], experts=[zoo["dense1"], zoo["dense2"]], method="average", out=tmp_path / "o")
+    with pytest.raises(MergeCancelled):
+        merge_api.run_merge(opts, progress=progress, cancel=cancel)
+    assert list(tmp_path.iterdir()) == []
