@@ -244,3 +244,14 @@ def test_run_merge_cancelled_midway_leaves_nothing(zoo, tmp_path):
     with pytest.raises(MergeCancelled):
         merge_api.run_merge(opts, progress=progress, cancel=cancel)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plain_peft_adapters_without_expert_json(zoo, tmp_path):
+    from test_engine import make_lora
+
+    a = make_lora(tmp_path / "a", zoo["base"], seed=1, expert_json=False)
+    b = make_lora(tmp_path / "b", zoo["base"], seed=2, expert_json=False)
+    opts = MergeOptions(base=zoo["base"], experts=[a, b], method="ties", out=tmp_path / "m")
+    m = merge_api.run_merge(opts).manifest
+    assert m["mode"] == "factor" and [e["name"] for e in m["experts"]] == ["a", "b"]
+    assert [e["declared_base_hash"] for e in m["experts"]] == [None, None]
