@@ -244,3 +244,21 @@ def test_es_missing_or_misshaped_signals_name_the_tensor():
     # es_layer does not need scores, es_element does not need lam
     merge("es_layer", deltas, ctx(key=key, layer=1, layer_lambda=t([0.5, 0.5])))
     merge("es_element", deltas, ctx(key=key, layer=1, element_scores=torch.ones(2, 3)))
+
+
+def test_ties_frugal_path_equals_peft_on_a_large_tensor():
+    """Above FRUGAL_MIN_NUMEL the bounded-memory TIES must give peft's result (continuous random
+    data: no exact magnitude ties at the threshold)."""
+    from peft.utils import merge_utils
+
+    from es_merging.methods import ties as ties_module
+
+    g = torch.Generator().manual_seed(0)
+    deltas = torch.randn(3, 2048, 2049, generator=g)  # > 2**22 entries per expert
+    assert deltas[0].numel() >= ties_module.FRUGAL_MIN_NUMEL
+    weights = torch.full((3,), 0.7)
+    expected = merge_utils.ties(list(deltas.clone().unbind(0)), weights, density=0.2, majority_sign_method="total")
+    method = get_method("ties", density=0.2, scaling=0.7)
+    ctx = TensorContext(key="model.layers.0.mlp.up_proj.weight", layer=0, generator=torch.Generator(), seed=0)
+    got = method.merge_tensor(deltas.clone(), ctx)
+    assert torch.equal(got, expected)
