@@ -6,6 +6,9 @@ DATA_DIR ?= ../shared/data
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
+# idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads made
+# torch forward passes ~30x slower
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: install demo test bench clean
 

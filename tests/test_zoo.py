@@ -346,6 +346,10 @@ def test_overwrite_replaces_atomically_via_cli(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo"]
     report = json.loads((out / "zoo.json").read_text())
     assert report["seed"] == 3 and report["world"]["seed"] == 3
-    assert report["threads"] == 1  # the build runs single-threaded ...
-    assert torch.get_num_threads() == threads  # ... and gives torch its setting back
+    from es_merging.zoo.build import idle_cores
+
+    # "auto": the cores the load average leaves idle (the load may move by one while it builds)
+    assert 1 <= report["threads"] <= (os.cpu_count() or 1)
+    assert abs(report["threads"] - idle_cores()) <= 1
+    assert torch.get_num_threads() == threads  # ... and torch gets its setting back
     assert report["base_hash"] == base_hash(out / "base")
