@@ -66,3 +66,15 @@ def test_cell_bad_file_and_usage(capsys, tmp_path):
     assert code == 1 and "not a readable HDF5" in results[0]["error"]
     assert main(["inspect", "cell"]) == 2  # nothing to inspect: a usage error, not an item error
     assert "no cell given" in capsys.readouterr().err
+
+
+def test_bench_with_bare_json_flag_prints_json(capsys, tmp_path):
+    """`es-merging bench NAME --json` (no path) is the issue's spelling: JSON on stdout, no file."""
+    from es_merging.cli import main
+
+    assert main(["bench", "inspect", "--n", "40", "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 40 and result["proteins_per_s"] > 0
+    out = tmp_path / "b.json"
+    assert main(["bench", "inspect", "--n", "40", "--repeats", "1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["n"] == 40

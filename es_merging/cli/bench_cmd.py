@@ -16,7 +16,8 @@ def register(sub) -> None:
     p.add_argument("name", nargs="?", help="benchmark name")
     # REMAINDER: everything after `--suite NAME` belongs to the benchmark, as after NAME
     p.add_argument("--suite", nargs=argparse.REMAINDER, metavar="NAME ...", help="benchmark name (same as NAME)")
-    p.add_argument("--json", dest="json_out", help="also write the result JSON to this file")
+    p.add_argument("--json", dest="json_out", nargs="?", const="-", metavar="FILE",
+                   help="also write the result JSON to this file (bare --json: stdout only, which is always written)")
     p.add_argument("--list", action="store_true", help="list the benchmarks")
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
@@ -39,13 +40,14 @@ def run(args: argparse.Namespace) -> int:
         raise EsMergingError(f"unknown benchmark {name!r}; choose one of {sorted(benches)}")
     fn = benches[name]
     parser = argparse.ArgumentParser(prog=f"es-merging bench {name}", description=getattr(fn, "help", None))
-    parser.add_argument("--json", dest="json_out", default=args.json_out, help="also write the result JSON here")
+    parser.add_argument("--json", dest="json_out", nargs="?", const="-", default=args.json_out, metavar="FILE",
+                        help="also write the result JSON here (bare --json: stdout only)")
     if getattr(fn, "add_arguments", None):
         fn.add_arguments(parser)
     bench_args = parser.parse_args(rest)
     result = fn(bench_args)
     text = json.dumps(result, indent=2)
-    if bench_args.json_out:
+    if bench_args.json_out and bench_args.json_out != "-":
         Path(bench_args.json_out).write_text(text + "\n")
     print(text)
     return 0
