@@ -48,3 +48,16 @@ def zoo_probe(zoo_dir, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("probe") / "probe.json"
     probe_from_zoo(zoo_dir, n=24, seed=0).save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def zoo_model(zoo_dir):
+    """The zoo's base with all three adapters and both encoders (one per test module: tests switch
+    adapters, so modules do not share it)."""
+    from es_merging.mllm import MultimodalModel
+
+    return MultimodalModel.load(
+        zoo_dir / "base",
+        adapters={m: zoo_dir / m for m in ("molecule", "protein", "cell")},
+        encoders={m: zoo_dir / m / "encoder" for m in ("molecule", "protein")},
+    )

@@ -17,23 +17,9 @@ from es_merging.probe import PLACEHOLDERS, Probe, ProbeSample
 EXPERTS = ("molecule", "protein", "cell")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~30x faster under load
-    (thread hand-offs dominate such small matrices) and no slower when idle."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def model(zoo_dir) -> MultimodalModel:
-    return MultimodalModel.load(
-        zoo_dir / "base",
-        adapters={m: zoo_dir / m for m in EXPERTS},
-        encoders={m: zoo_dir / m / "encoder" for m in ("molecule", "protein")},
-    )
+def model(zoo_model) -> MultimodalModel:
+    return zoo_model
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,7 @@ def train_task_lora(zoo_dir: Path, *, seed: int, steps: int | None = None, progr
 
     from es_merging.mllm import MultimodalModel
     from es_merging.zoo import load_zoo_report, zoo_world
-    from es_merging.zoo.train import _cosine_lr, render_example, targets
+    from es_merging.zoo.train import optimizer_step, render_example, targets
 
     report = load_zoo_report(zoo_dir)
     preset = report["preset"]
@@ -139,13 +139,7 @@ def train_task_lora(zoo_dir: Path, *, seed: int, steps: int | None = None, progr
         b, labels, _ = targets(model, rendered, [None] * len(rendered), [False] * len(rendered))
         logits = model.forward(b).logits
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
-        for g in opt.param_groups:
-            g["lr"] = _cosine_lr(step, steps, lr, warmup=max(1, steps // 20))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(optimizer_step(opt, params, loss, step, steps, lr))
         if progress and (step % 10 == 0 or step == steps - 1):
             progress("fine-tune", step + 1, steps)
     model.eval()

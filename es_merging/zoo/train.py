@@ -72,6 +72,17 @@ def targets(model, rendered: list[RenderedPrompt], ce_names: list[set[str] | Non
     return batch, labels, kl_mask
 
 
+def optimizer_step(opt, params, loss: torch.Tensor, step: int, steps: int, lr: float) -> float:
+    """One AdamW step with warm-up + cosine learning rate and gradient clipping; returns the loss."""
+    for g in opt.param_groups:
+        g["lr"] = _cosine_lr(step, steps, lr, warmup=max(1, steps // 20))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.item()
+
+
 def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -110,13 +121,7 @@ def train_base(model, world: World, *, steps: int, batch: int, lr: float, seed: 
                 labels[row, j - 1] = b.input_ids[row, j]
         logits = model.forward(b).logits
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
-        for g in opt.param_groups:
-            g["lr"] = _cosine_lr(step, steps, lr, warmup=max(1, steps // 20))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(opt, params, loss, step, steps, lr))
         if progress and (step % 20 == 0 or step == steps - 1):
             progress("train base", step + 1, steps)
     model.eval()
