@@ -782,7 +782,6 @@ def execute_plan(plan: MergePlan, method: MergeMethod, out_dir: str | Path, *, s
     _check_method_inputs(plan, method, signals)
     progress = progress or (lambda stage, done, total: None)
     t0 = time.perf_counter()
-    n_exp = len(plan.expert_names)
     adapter = plan.output_format == "adapter"
     writer = ShardWriter(out_dir, plan.outputs, max_shard_bytes=None if adapter else int(shard_size_mb * 2**20),
                          single_name=ADAPTER_WEIGHTS if adapter else "model.safetensors")

@@ -22,7 +22,7 @@ import torch
 from es_merging.coefficients import layer_coefficients, layer_increments, sliced_wasserstein, standardize_pair
 from es_merging.errors import MergeError
 from es_merging.experts import ExpertSpec
-from es_merging.probe import Probe, ProbeSample
+from es_merging.probe import DEFAULT_QUESTION, Probe, ProbeSample
 from es_merging.signals_types import Signals
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ def compute_signals(
 
     model = MultimodalModel.load(base_dir, adapters={e.name: e.path for e in experts}, encoders=encoders,
                                  device=device)
-    rendered = [model.renderer.render(s, question=_question()) for s in samples]
+    rendered = [model.renderer.render(s, question=DEFAULT_QUESTION) for s in samples]
     batches = [model.collate(rendered[i:i + batch_size]) for i in range(0, len(rendered), batch_size)]
     rows = {m: torch.tensor([m in r.masks for r in rendered]) for m in modalities}
     for m, present in rows.items():
@@ -282,12 +282,6 @@ def compute_signals(
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
         },
     )
-
-
-def _question() -> str:
-    from es_merging.probe import DEFAULT_QUESTION
-
-    return DEFAULT_QUESTION
 
 
 def signal_summary(signals: Signals) -> dict[str, Any]:
