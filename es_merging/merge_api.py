@@ -5,7 +5,6 @@ compatibility, probe presence, output directory) runs before the expensive signa
 everything that writes goes into one temporary directory renamed into place at the very end."""
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,15 +36,8 @@ class MergeResult:
 def _signals(opts: MergeOptions, experts, method, mode: str, progress: Progress):
     from es_merging.signals import compute_signals  # needs the model stack: imported only for the ES family
 
-    kwargs: dict[str, Any] = {"mode": mode, "seed": opts.seed, "batch_size": opts.batch_size, "progress": progress}
-    params = inspect.signature(compute_signals).parameters
-    if "method" in params:  # the signal collector reads the method's own parameters
-        kwargs["method"] = method
-    else:
-        kwargs["method_params"] = dict(method.values)
-    if "device" in params:
-        kwargs["device"] = opts.device
-    return compute_signals(opts.base, experts, opts.probe, **kwargs)
+    return compute_signals(opts.base, experts, opts.probe, mode=mode, method=method, seed=opts.seed,
+                           batch_size=opts.batch_size, progress=progress, device=opts.device)
 
 
 def run_merge(opts: MergeOptions, *, progress: Progress | None = None, cancel=None,

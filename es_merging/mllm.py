@@ -81,6 +81,8 @@ class MultimodalModel(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> "MultimodalModel":
         backbone_dir = Path(backbone_dir)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
         backbone = _load_backbone(backbone_dir, dtype)
         tokenizer = _load_tokenizer(Path(tokenizer_dir or backbone_dir))

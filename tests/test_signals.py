@@ -78,3 +78,11 @@ def test_es_element_gets_uniform_unused_lambda(zoo_dir, specs, probe):
                           seed=0, batch_size=8)
     assert torch.allclose(sig.lam, torch.full_like(sig.lam, 1 / 3))
     assert sig.meta["layer_coefficients_used"] is False
+
+
+def test_device_auto_resolves_without_a_gpu(zoo_dir):
+    from es_merging.mllm import MultimodalModel
+
+    model = MultimodalModel.load(zoo_dir / "base", device="auto")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert model.device.type == expected
