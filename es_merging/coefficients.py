@@ -56,6 +56,16 @@ def _check_temperature(temperature: float, what: str) -> float:
 # --------------------------------------------------------------------------- layer-wise signal
 
 
+def _check_pair(fn: str, unit: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    """The shape contract shared by the two point-set functions: [N, D] and [M, D], N, M >= 1."""
+    if x.dim() != 2 or y.dim() != 2:
+        raise MergeError(f"{fn}: expected 2-D [N, D] and [M, D], got shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[1] != y.shape[1]:
+        raise MergeError(f"{fn}: feature dims differ: x has D={x.shape[1]}, y has D={y.shape[1]}")
+    if x.shape[0] < 1 or y.shape[0] < 1:
+        raise MergeError(f"{fn}: need at least one {unit} in each set, got N={x.shape[0]}, M={y.shape[0]}")
+
+
 def standardize_pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Jointly standardise two sample sets per feature (DESIGN 3, layer step 2).
 
@@ -63,12 +73,7 @@ def standardize_pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, to
     A feature with zero spread keeps scale 1 and is centred exactly to 0.
     Computed in float64, returned in the inputs' common floating dtype.
     """
-    if x.dim() != 2 or y.dim() != 2:
-        raise MergeError(f"standardize_pair: expected 2-D [N, D] and [M, D], got shapes {tuple(x.shape)} and {tuple(y.shape)}")
-    if x.shape[1] != y.shape[1]:
-        raise MergeError(f"standardize_pair: feature dims differ: x has D={x.shape[1]}, y has D={y.shape[1]}")
-    if x.shape[0] < 1 or y.shape[0] < 1:
-        raise MergeError(f"standardize_pair: need at least one row in each set, got N={x.shape[0]}, M={y.shape[0]}")
+    _check_pair("standardize_pair", "row", x, y)
     out_dtype = _float_dtype(x, y)
     both = torch.cat([x.to(torch.float64), y.to(x.device, torch.float64)])
     lo, hi = both.amin(dim=0), both.amax(dim=0)
@@ -99,12 +104,7 @@ def sliced_wasserstein(
     ``None`` means a CPU generator seeded with 0, so the value is always reproducible.
     N = M = 1 is allowed (one sorted pair per direction).
     """
-    if x.dim() != 2 or y.dim() != 2:
-        raise MergeError(f"sliced_wasserstein: expected 2-D [N, D] and [M, D], got shapes {tuple(x.shape)} and {tuple(y.shape)}")
-    if x.shape[1] != y.shape[1]:
-        raise MergeError(f"sliced_wasserstein: feature dims differ: x has D={x.shape[1]}, y has D={y.shape[1]}")
-    if x.shape[0] < 1 or y.shape[0] < 1:
-        raise MergeError(f"sliced_wasserstein: need at least one sample in each set, got N={x.shape[0]}, M={y.shape[0]}")
+    _check_pair("sliced_wasserstein", "sample", x, y)
     if isinstance(num_projections, bool) or int(num_projections) != num_projections or num_projections < 1:
         raise MergeError(f"sliced_wasserstein: num_projections must be an integer >= 1, got {num_projections!r}")
     p = float(p)

@@ -99,12 +99,11 @@ def train_task_lora(zoo_dir: Path, *, seed: int, steps: int | None = None, progr
     """The task-specific reference: base + one LoRA (the experts' rank, alpha and target modules)
     trained on raw-input interactive examples from the training split, one expert's budget."""
     import torch
-    import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
 
     from es_merging.mllm import MultimodalModel
     from es_merging.zoo import load_zoo_report, zoo_world
-    from es_merging.zoo.train import optimizer_step, render_example, targets
+    from es_merging.zoo.train import lm_loss, optimizer_step, render_example, targets
 
     report = load_zoo_report(zoo_dir)
     preset = report["preset"]
@@ -138,7 +137,7 @@ def train_task_lora(zoo_dir: Path, *, seed: int, steps: int | None = None, progr
         rendered = [render_example(model.renderer, ws, spans, eos) for ws in chunk]
         b, labels, _ = targets(model, rendered, [None] * len(rendered), [False] * len(rendered))
         logits = model.forward(b).logits
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+        loss = lm_loss(logits, labels)
         losses.append(optimizer_step(opt, params, loss, step, steps, lr))
         if progress and (step % 10 == 0 or step == steps - 1):
             progress("fine-tune", step + 1, steps)

@@ -72,6 +72,11 @@ def targets(model, rendered: list[RenderedPrompt], ce_names: list[set[str] | Non
     return batch, labels, kl_mask
 
 
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over the positions whose label is not -100."""
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+
+
 def optimizer_step(opt, params, loss: torch.Tensor, step: int, steps: int, lr: float) -> float:
     """One AdamW step with warm-up + cosine learning rate and gradient clipping; returns the loss."""
     for g in opt.param_groups:
@@ -120,7 +125,7 @@ def train_base(model, world: World, *, steps: int, batch: int, lr: float, seed: 
             for j in b.masks["cell"][row].nonzero(as_tuple=True)[0].tolist()[1:]:
                 labels[row, j - 1] = b.input_ids[row, j]
         logits = model.forward(b).logits
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+        loss = lm_loss(logits, labels)
         losses.append(optimizer_step(opt, params, loss, step, steps, lr))
         if progress and (step % 20 == 0 or step == steps - 1):
             progress("train base", step + 1, steps)
@@ -229,7 +234,7 @@ def train_experts(model, world: World, experts: list[str], *, steps: int, batch:
             model.set_adapter(name)
             model.zero_grad(set_to_none=True)
             logits = model.forward(b).logits
-            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+            loss = lm_loss(logits, labels)
             if base_logits is not None:
                 lp = torch.log_softmax(logits[kl_mask], -1)
                 lq = torch.log_softmax(base_logits[kl_mask], -1)
