@@ -5,21 +5,28 @@ Wasserstein distance between base and expert -> layer increments -> lambda[E, L]
 Fine (element-wise): per-layer gradient of the expert's own-modality deviation from the base
 w.r.t. that layer's tensors, accumulated over probe batches -> S[e, k].
 
-One base in memory with every LoRA adapter attached (switched by name; base = adapters off);
-dense experts are loaded one at a time. ``torch.no_grad`` for layer signals; for element scores
-gradients flow only into the current layer's tensors.
+One base in memory with every LoRA adapter attached (switched by name; base = adapters off).
+Dense (full-checkpoint) experts are swapped into that base one at a time and the base's tensors
+restored after each (``dense_swap``); their element scores are taken w.r.t. every floating
+checkpoint tensor of each decoder layer (projections and norms), keyed by checkpoint key as the
+engine's dense plan merges them. LoRA and dense experts are not mixed (``plan_merge`` refuses it).
+``torch.no_grad`` for layer signals; for element scores gradients flow only into the current
+layer's tensors.
 """
 from __future__ import annotations
 
 import logging
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from es_merging.coefficients import layer_coefficients, layer_increments, sliced_wasserstein, standardize_pair
+from es_merging.dense_swap import dense_expert_swapped_in
 from es_merging.errors import MergeError
 from es_merging.experts import ExpertSpec
 from es_merging.probe import DEFAULT_QUESTION, Probe, ProbeSample
@@ -137,14 +144,11 @@ def _decoder_layers(model) -> list[torch.nn.Module]:
     raise MergeError("cannot find the decoder layers (a `.layers` ModuleList) in the backbone")
 
 
-def _element_scores_lora(model, spec: ExpertSpec, batches, base_states, own: str, mode: str,
-                         score: str) -> dict[str, torch.Tensor]:
-    """S[k] for one LoRA expert: per-layer gradients of Loss[e,l] w.r.t. that layer's tensors,
-    summed over probe batches (|g| for grad_abs, g^2 for grad2)."""
+def _lora_targets(model, spec: ExpertSpec, mode: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """(merged key, live tensor) of a LoRA expert: its A/B (factor) or the adapted module weights (delta)."""
     name = spec.name
-    named = dict(model.backbone.named_parameters())
-    targets: list[tuple[str, torch.nn.Parameter]] = []
-    for pname, param in named.items():
+    targets = []
+    for pname, param in model.backbone.named_parameters():
         if layer_of(pname) is None:
             continue
         if mode == "factor" and "lora_" in pname and f".{name}." in pname:
@@ -153,9 +157,33 @@ def _element_scores_lora(model, spec: ExpertSpec, batches, base_states, own: str
             targets.append((module_weight_key(pname), param))
     if not targets:
         raise MergeError(f"expert {name!r}: no {'adapter' if mode == 'factor' else 'module'} tensors found in any layer")
+    return targets
+
+
+def _dense_targets(model, spec: ExpertSpec, swapped: dict[str, torch.Tensor]) -> list[tuple[str, torch.nn.Parameter]]:
+    """(checkpoint key, live tensor) of every floating checkpoint tensor inside a decoder layer:
+    the tensors the dense plan merges with per-layer coefficients (projections and norms alike)."""
+    params = {id(p) for p in model.backbone.parameters()}
+    targets = []
+    for key, tensor in swapped.items():
+        if layer_of(key) is None or not tensor.is_floating_point():
+            continue
+        if id(tensor) not in params:  # a buffer: no gradient to score it by
+            raise MergeError(f"dense expert {spec.name!r}: tensor {key!r} is a buffer, not a parameter, so it has "
+                             "no gradient score; use es_layer (layer coefficients only) or a baseline method")
+        targets.append((key, tensor))
+    if not targets:
+        raise MergeError(f"dense expert {spec.name!r}: its checkpoint has no floating tensor in any decoder layer")
+    return targets
+
+
+def _grad_scores(model, targets: list[tuple[str, torch.nn.Parameter]], batches, base_states, own: str,
+                 score: str) -> dict[str, torch.Tensor]:
+    """S[k] for the active expert: per-layer gradients of Loss[e,l] w.r.t. that layer's tensors,
+    summed over probe batches (|g| for grad_abs, g^2 for grad2)."""
+    named = dict(model.backbone.named_parameters())
     sums = {key: torch.zeros_like(param, dtype=torch.float32, device="cpu") for key, param in targets}
     old_flags = {id(p): p.requires_grad for p in named.values()}
-    model.set_adapter(name)
     try:
         for param in named.values():
             param.requires_grad_(False)
@@ -177,6 +205,44 @@ def _element_scores_lora(model, spec: ExpertSpec, batches, base_states, own: str
     return sums
 
 
+@contextmanager
+def _expert_active(model, spec: ExpertSpec) -> Iterator[dict[str, torch.Tensor]]:
+    """The model computes as ``spec`` inside the block and as the base after it. Yields the dense
+    expert's swapped tensors (empty for a LoRA expert, which is an adapter switch)."""
+    if spec.kind == "dense":
+        with dense_expert_swapped_in(model.backbone, spec) as swapped:
+            yield swapped
+        return
+    model.set_adapter(spec.name)
+    try:
+        yield {}
+    finally:
+        model.set_adapter(None)
+
+
+def _check_experts(experts: list[ExpertSpec], mode: str) -> None:
+    kinds = {e.kind for e in experts}
+    if len(kinds) > 1:  # as plan_merge: the element-score keys of the two kinds differ
+        lora = [e.name for e in experts if e.kind == "lora"]
+        dense = [e.name for e in experts if e.kind == "dense"]
+        raise MergeError(f"cannot compute ES signals for LoRA experts {lora} with dense experts {dense} together")
+    if kinds == {"dense"} and mode != "delta":
+        raise MergeError("dense (full-checkpoint) experts are merged in delta mode only (--mode delta)")
+    for e in experts:
+        if not e.modality:
+            raise MergeError(f"expert {e.name!r} declares no modality; ES-Merging needs one in its expert.json")
+
+
+def _stack_scores(experts: list[ExpertSpec], per_expert: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """key -> S[E, *shape]; every expert must have scored the same tensors."""
+    keys = sorted(per_expert[0])
+    for i, sums in enumerate(per_expert[1:], start=1):
+        if sorted(sums) != keys:
+            diff = sorted(set(keys) ^ set(sums))
+            raise MergeError(f"experts {experts[0].name!r} and {experts[i].name!r} differ in tensors: {diff[:3]}")
+    return {k: torch.stack([s[k] for s in per_expert]) for k in keys}
+
+
 def compute_signals(
     base_dir: str | Path,
     experts: list[ExpertSpec],
@@ -195,11 +261,7 @@ def compute_signals(
     timings: dict[str, float] = {}
     t0 = time.time()
     probe = probe_path if isinstance(probe_path, Probe) else Probe.load(probe_path)
-    if any(e.kind != "lora" for e in experts):
-        raise MergeError("ES signals for dense experts are not supported yet; use LoRA experts or a baseline method")
-    for e in experts:
-        if not e.modality:
-            raise MergeError(f"expert {e.name!r} declares no modality; ES-Merging needs one in its expert.json")
+    _check_experts(experts, mode)
     encoders: dict[str, Path] = {}
     for e in experts:
         if e.encoder_dir and e.modality not in encoders:
@@ -211,8 +273,9 @@ def compute_signals(
     p = float(params.get("p", 2.0))
     score = str(params.get("score", "grad_abs"))
 
-    model = MultimodalModel.load(base_dir, adapters={e.name: e.path for e in experts}, encoders=encoders,
-                                 device=device)
+    # dense experts are swapped into this one base in turn (dense_swap), so only LoRA ones attach
+    adapters = {e.name: e.path for e in experts if e.kind == "lora"}
+    model = MultimodalModel.load(base_dir, adapters=adapters, encoders=encoders, device=device)
     rendered = [model.renderer.render(s, question=DEFAULT_QUESTION) for s in samples]
     batches = [model.collate(rendered[i:i + batch_size]) for i in range(0, len(rendered), batch_size)]
     rows = {m: torch.tensor([m in r.masks for r in rendered]) for m in modalities}
@@ -223,43 +286,45 @@ def compute_signals(
 
     t = time.time()
     total = len(experts) + 1
+    needs_scores = bool(getattr(method, "needs_element_scores", False))
     model.set_adapter(None)
     pooled_base = _pooled(model, batches, modalities)
     if progress:
         progress("signals: hidden states", 1, total)
+    timings["layer_signals"] = time.time() - t
+    base_states = None
+    if needs_scores:
+        t = time.time()
+        with torch.no_grad():  # the base's states are the same target for every expert
+            base_states = [[h.detach() for h in model.hidden_states(b)[1:]] for b in batches]
+        timings["element_scores"] = time.time() - t
     swd = torch.zeros(len(experts), model.num_layers, len(modalities), dtype=torch.float64)
+    per_expert: list[dict[str, torch.Tensor]] = []
     for i, e in enumerate(experts):
-        model.set_adapter(e.name)
-        pooled = _pooled(model, batches, modalities)
-        swd[i] = _layer_signal(pooled_base, pooled, num_projections=num_projections, p=p, seed=seed,
-                               expert_index=i, rows=rows)
-        if progress:
-            progress("signals: hidden states", i + 2, total)
+        # one activation per expert for both signals: a dense expert's checkpoint is read once
+        t = time.time()
+        with _expert_active(model, e) as swapped:
+            timings["activate"] = timings.get("activate", 0.0) + (time.time() - t)  # swap-in / adapter switch
+            t = time.time()
+            pooled = _pooled(model, batches, modalities)
+            swd[i] = _layer_signal(pooled_base, pooled, num_projections=num_projections, p=p, seed=seed,
+                                   expert_index=i, rows=rows)
+            timings["layer_signals"] += time.time() - t
+            if progress:
+                progress("signals: hidden states", i + 2, total)
+            if needs_scores:
+                t = time.time()
+                targets = _dense_targets(model, e, swapped) if e.kind == "dense" else _lora_targets(model, e, mode)
+                per_expert.append(_grad_scores(model, targets, batches, base_states, e.modality, score))
+                timings["element_scores"] += time.time() - t
+                if progress:
+                    progress("signals: element scores", i + 1, len(experts))
     delta = layer_increments(swd)
     if getattr(method, "needs_layer_coefficients", True):
         lam = method.layer_coefficients(delta, own) if hasattr(method, "layer_coefficients") else layer_coefficients(delta, own)
     else:  # es_element: lambda plays no part; uniform, and the manifest says so
         lam = torch.full((len(experts), model.num_layers), 1.0 / len(experts), dtype=torch.float64)
-    timings["layer_signals"] = time.time() - t
-
-    scores: dict[str, torch.Tensor] = {}
-    if getattr(method, "needs_element_scores", False):
-        t = time.time()
-        model.set_adapter(None)
-        with torch.no_grad():  # the base's states are the same target for every expert
-            base_states = [[h.detach() for h in model.hidden_states(b)[1:]] for b in batches]
-        per_expert = []
-        for i, e in enumerate(experts):
-            per_expert.append(_element_scores_lora(model, e, batches, base_states, e.modality, mode, score))
-            if progress:
-                progress("signals: element scores", i + 1, len(experts))
-        keys = sorted(per_expert[0])
-        for i, sums in enumerate(per_expert[1:], start=1):
-            if sorted(sums) != keys:
-                diff = sorted(set(keys) ^ set(sums))
-                raise MergeError(f"experts {experts[0].name!r} and {experts[i].name!r} differ in tensors: {diff[:3]}")
-        scores = {k: torch.stack([s[k] for s in per_expert]) for k in keys}
-        timings["element_scores"] = time.time() - t
+    scores = _stack_scores(experts, per_expert) if needs_scores else {}
     model.set_adapter(None)
     return Signals(
         expert_names=[e.name for e in experts],
