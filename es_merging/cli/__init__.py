@@ -11,7 +11,7 @@ import sys
 from es_merging.errors import EsMergingError
 
 # Order is the order shown in --help.
-COMMANDS = ("inspect", "probe", "zoo", "merge", "predict", "screen", "bench", "serve")
+COMMANDS = ("inspect", "probe", "zoo", "adapt", "merge", "predict", "screen", "bench", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
