@@ -39,7 +39,10 @@ measures it; the other slots' entities from the world's held-out set) and on the
 entities is reported before and after adaptation (the "after" from the saved files, reloaded).
 As every labelled real protein is a kinase, the protein record adds a control: how the protein slot
 names the 30 real non-kinase targets of the triples (PARP1, HDAC1, BCL2, ...), which shows whether
-the expert learnt the signature or merely "real-looking sequence -> kinase".
+the expert learnt the signature or merely "real-looking sequence -> kinase". Measured on a
+tiny-preset zoo (400 steps, seed 0): held-out kinase recall 0.05 -> 0.95, but the non-kinases
+called "kinase" 0.27 -> 0.73, so with kinase-only real labels the protein adaptation is largely
+that shortcut (molecule balanced accuracy 0.49 -> 0.87, cell 0.64 -> 0.83 on the same run).
 
 Output (written atomically: a temporary directory renamed at the end)::
 
