@@ -107,15 +107,18 @@ class EsmProteinEncoder(SoftTokenEncoder):
     modality = "protein"
 
     def __init__(self, hidden_size: int, esm_hidden: int = 64, esm_layers: int = 2, esm_heads: int = 4,
-                 max_length: int = 1024):
+                 max_length: int = 1024, position_embedding: str = "absolute"):
         super().__init__(hidden_size)
         from transformers import EsmConfig, EsmModel
 
+        if position_embedding not in ("absolute", "rotary"):
+            raise ValueError(f"position_embedding must be 'absolute' or 'rotary', not {position_embedding!r}")
         self.esm_hidden, self.esm_layers, self.esm_heads, self.max_length = esm_hidden, esm_layers, esm_heads, max_length
+        self.position_embedding = position_embedding
         cfg = EsmConfig(vocab_size=len(ESM_TOKENS), hidden_size=esm_hidden, num_hidden_layers=esm_layers,
                         num_attention_heads=esm_heads, intermediate_size=esm_hidden * 2,
                         max_position_embeddings=max_length + 2, pad_token_id=1, mask_token_id=32,
-                        position_embedding_type="absolute", token_dropout=False)
+                        position_embedding_type=position_embedding, token_dropout=False)
         self.esm = EsmModel(cfg, add_pooling_layer=False)
         self.adapter = nn.Sequential(nn.Linear(esm_hidden, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
 
@@ -154,7 +157,8 @@ class EsmProteinEncoder(SoftTokenEncoder):
 
     def config(self) -> dict[str, Any]:
         return {"hidden_size": self.hidden_size, "esm_hidden": self.esm_hidden, "esm_layers": self.esm_layers,
-                "esm_heads": self.esm_heads, "max_length": self.max_length}
+                "esm_heads": self.esm_heads, "max_length": self.max_length,
+                "position_embedding": self.position_embedding}
 
 
 ENCODER_TYPES: dict[str, type[SoftTokenEncoder]] = {
@@ -179,7 +183,7 @@ def load_encoder(path: str | Path) -> SoftTokenEncoder:
         raise ExpertError(f"encoder {path}: unknown type {kind!r}; known: {sorted(ENCODER_TYPES)}")
     try:
         encoder = ENCODER_TYPES[kind](**cfg)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ExpertError(f"encoder {path}/config.json: bad parameters ({exc})") from None
     weights = path / "model.safetensors"
     if not weights.exists():

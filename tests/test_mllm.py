@@ -386,3 +386,24 @@ def test_pickle_only_checkpoint_is_refused_without_unpickling(zoo_dir, tmp_path)
     with pytest.raises(ExpertError, match="adapter_model.safetensors is missing"):
         MultimodalModel.load(zoo_dir / "base", adapters={"cell": a})
     assert not marker.exists()
+
+
+def test_protein_encoder_position_embedding_round_trips(zoo_dir, tmp_path):
+    """The zoo's protein encoder uses rotary positions (ESM-2's); the choice is saved in its config and
+    a config naming another kind of positions than its weights were trained with is refused."""
+    src = zoo_dir / "protein" / "encoder"
+    cfg = json.loads((src / "config.json").read_text())
+    assert cfg["position_embedding"] == "rotary"
+    enc = load_encoder(src)
+    assert enc.position_embedding == "rotary"
+    assert enc.esm.config.position_embedding_type == "rotary"
+    out = enc(["MKVLAAGSGAFGEVRT"])
+    assert out[0].shape == (18, enc.hidden_size)
+    d = tmp_path / "absolute"
+    shutil.copytree(src, d)
+    (d / "config.json").write_text(json.dumps({**cfg, "position_embedding": "absolute"}))
+    with pytest.raises(ExpertError, match="weights do not match its config"):
+        load_encoder(d)
+    (d / "config.json").write_text(json.dumps({**cfg, "position_embedding": "alibi"}))
+    with pytest.raises(ExpertError, match=r"bad parameters \(position_embedding must be .absolute. or .rotary., not .alibi.\)"):
+        load_encoder(d)

@@ -148,6 +148,24 @@ def world() -> World:
     return World.generate(0, per_class=20)
 
 
+def test_pretraining_corpus_is_fresh_labelled_and_never_held_out(world, monkeypatch):
+    from es_merging.zoo import world as world_module
+    from es_merging.zoo.world import protein_descriptor
+
+    corpus = world.pretraining_corpus("protein", 50, seed=3)
+    assert corpus == world.pretraining_corpus("protein", 50, seed=3)  # seeded
+    assert {e.raw for e in corpus} != {e.raw for e in world.pretraining_corpus("protein", 50, seed=4)}
+    assert {e.descriptor for e in corpus} == set(DESCRIPTORS["protein"])
+    assert all(protein_descriptor(e.raw) == e.descriptor for e in corpus)
+    # a held-out protein the generator happens to produce again is dropped from the corpus
+    held = world.heldout["protein"][0]
+    real = world_module._proteins
+    monkeypatch.setattr(world_module, "_proteins", lambda rng, n: [held] + real(rng, n))
+    assert held.raw not in {e.raw for e in world.pretraining_corpus("protein", 50, seed=3)}
+    with pytest.raises(ValueError, match="unknown modality 'dna'"):
+        world.pretraining_corpus("dna", 5)
+
+
 def test_world_is_reproducible(world):
     again = World.generate(0, per_class=20)
     assert _fingerprint(again) == _fingerprint(world)
@@ -348,8 +366,28 @@ def test_overwrite_replaces_atomically_via_cli(tmp_path, monkeypatch, capsys):
     assert report["seed"] == 3 and report["world"]["seed"] == 3
     from es_merging.zoo.build import idle_cores
 
-    # "auto": the cores the load average leaves idle (the load may move by one while it builds)
+    # "auto": the cores other work leaves idle (the load may move by one while it builds)
     assert 1 <= report["threads"] <= (os.cpu_count() or 1)
     assert abs(report["threads"] - idle_cores()) <= 1
     assert torch.get_num_threads() == threads  # ... and torch gets its setting back
     assert report["base_hash"] == base_hash(out / "base")
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many"])
+def test_zoo_build_threads_must_be_auto_or_positive(value, tmp_path, capsys):
+    from es_merging.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["zoo", "build", "--preset", "test", "--out", str(tmp_path / "zoo"), "--threads", value])
+    assert exc.value.code == 2
+    assert "--threads must be 'auto' or a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "zoo").exists()
+
+
+def test_idle_cores_reads_current_cpu_use():
+    from es_merging.zoo.build import _busy_cores, idle_cores
+
+    busy = _busy_cores(0.2)
+    if busy is not None:  # Linux: /proc/stat
+        assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-9
+    assert 1 <= idle_cores(0.2) <= (os.cpu_count() or 1)

@@ -15,16 +15,32 @@ def register(sub) -> None:
     b.add_argument("--preset", default="tiny", choices=["tiny", "test"])
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--threads", type=_threads, default="auto",
+                   help="torch threads for the build: a number, or 'auto' (the cores other work leaves idle)")
     b.set_defaults(func=_build)
+
+
+def _threads(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"--threads must be 'auto' or a positive integer, not {value!r}")
+    return n
 
 
 def _build(args) -> int:
     from es_merging.zoo.build import build_zoo
 
     report = build_zoo(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite,
-                       progress=ProgressPrinter())
+                       progress=ProgressPrinter(), threads=args.threads)
     summary = {"out": args.out, "preset": args.preset, "seed": args.seed, "gates": report["gates"],
-               "timings_s": report["timings_s"]}
+               "timings_s": report["timings_s"], "threads": report["threads"]}
     json.dump(summary, sys.stdout, indent=2)
     sys.stdout.write("\n")
     if report["preset"]["gates"] and not report["gates"]["all_pass"]:

@@ -32,14 +32,45 @@ ZOO_FORMAT = "es-merging-zoo/1"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def idle_cores() -> int:
-    """Cores not busy with other work, from the 1-minute load average (at least 1)."""
+def idle_cores(window_s: float = 0.5) -> int:
+    """Cores not busy with other work right now (at least 1).
+
+    Measured from /proc/stat over ``window_s`` where it exists: the 1-minute load average lags by a
+    minute, so a build started right after other work took one thread on an idle machine (~14 min
+    instead of ~9 for the tiny preset). Elsewhere, the load average."""
     cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # not available on every platform
-        return cores
-    return max(1, min(cores, int(cores - load + 0.5)))
+    busy = _busy_cores(window_s)
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:  # not available on every platform
+            return cores
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
+def _busy_cores(window_s: float) -> float | None:
+    """Average number of busy cores over ``window_s`` from /proc/stat's aggregate line (Linux)."""
+    def sample() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        if len(fields) < 5:
+            return None
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields[:8]), idle  # user..steal (guest time is already in user)
+
+    first = sample()
+    if first is None:
+        return None
+    time.sleep(window_s)
+    second = sample()
+    if second is None or second[0] <= first[0]:
+        return None
+    total, idle = second[0] - first[0], second[1] - first[1]
+    cpus = os.cpu_count() or 1
+    return cpus * (1.0 - idle / total)
 
 
 def _corpus(world: World, n: int = 3000) -> list[str]:
@@ -75,8 +106,17 @@ def _new_encoder(modality: str, preset: Preset):
     if modality == "molecule":
         return FingerprintEncoder(preset.hidden, n_tokens=8, n_bits=preset.fp_bits)
     if modality == "protein":
-        return EsmProteinEncoder(preset.hidden, esm_hidden=preset.esm_hidden, esm_layers=preset.esm_layers)
+        return EsmProteinEncoder(preset.hidden, esm_hidden=preset.esm_hidden, esm_layers=preset.esm_layers,
+                                position_embedding="rotary")
     return None
+
+
+def _encoder_corpus(world: World, modality: str, preset: Preset, seed: int):
+    """What an encoder is pre-trained on. The fingerprint MLP generalises from the training molecules
+    (held-out linear probe 1.00); the protein encoder needs a corpus (see World.pretraining_corpus)."""
+    if modality == "protein":
+        return world.pretraining_corpus(modality, preset.corpus_per_class, seed=seed)
+    return world.train[modality]
 
 
 def _save_expert(peft_model, encoders, name: str, out: Path, digest: str, preset: Preset) -> None:
@@ -102,8 +142,8 @@ def _save_expert(peft_model, encoders, name: str, out: Path, digest: str, preset
 def build_zoo(out: str | Path, *, preset: str = "tiny", seed: int = 0, overwrite: bool = False,
               progress: Callable[[str, int, int], None] | None = None, threads: int | str | None = "auto") -> dict:
     """Build the zoo into ``out`` (atomically). ``threads``: torch intra-op threads during the build
-    (restored after); ``None`` keeps torch's setting; ``"auto"`` takes the cores that the load
-    average leaves idle (at least one). Measured on 2 cores: idle, two threads trained the base at
+    (restored after); ``None`` keeps torch's setting; ``"auto"`` takes the cores that other work
+    leaves idle right now (:func:`idle_cores`, at least one). Measured on 2 cores: idle, two threads trained the base at
     0.13 s/step against 0.24 with one; under a load of ~10, one thread built the test preset in 41 s
     against 426 s with two (spinning threads fight over busy cores)."""
     previous = torch.get_num_threads()
@@ -164,8 +204,9 @@ def _build_zoo(out: str | Path, *, preset: str, seed: int, overwrite: bool,
         with torch.no_grad():  # soft tokens as long as the base's own token embeddings
             target_norm = float(base.backbone.get_input_embeddings().weight.norm(dim=-1).mean())
         encoder_stats = {
-            m: pretrain_encoder(enc, world.train[m], DESCRIPTORS[m], steps=p.encoder_steps, batch=p.batch,
-                                lr=1e-3, seed=seed + 3, target_norm=target_norm)
+            m: pretrain_encoder(enc, _encoder_corpus(world, m, p, seed), DESCRIPTORS[m], steps=p.encoder_steps,
+                                batch=p.batch, lr=1e-3, seed=seed + 3, target_norm=target_norm,
+                                heldout=world.heldout[m])
             for m, enc in encoders.items()
         }
         timings["encoders"] = round(time.time() - t, 2)

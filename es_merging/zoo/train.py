@@ -134,14 +134,15 @@ def train_base(model, world: World, *, steps: int, batch: int, lr: float, seed: 
 
 
 def pretrain_encoder(encoder, entities, descriptors: tuple[str, ...], *, steps: int, batch: int, lr: float,
-                     seed: int, target_norm: float) -> dict:
+                     seed: int, target_norm: float, heldout=None) -> dict:
     """Perception features first, then a fixed projector (DESIGN section 7).
 
     The encoder is trained as a descriptor classifier on its pooled features; its projector into the
     LLM's embedding space is then re-drawn at random and everything is frozen. Were the encoder
     trained through the LLM, it would learn to emit the descriptor words' own embeddings, the base
     would simply copy them, and the LoRA (what merging combines) would carry no perception at all.
-    With a random fixed projector the features are informative but unreadable without the adapter."""
+    With a random fixed projector the features are informative but unreadable without the adapter.
+    ``heldout`` entities (never trained on) only measure the classifier: its accuracy is reported."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     head = torch.nn.Linear(encoder.summary_dim, len(descriptors))
@@ -160,20 +161,25 @@ def pretrain_encoder(encoder, entities, descriptors: tuple[str, ...], *, steps: 
         losses.append(loss.item())
     encoder.eval()
     with torch.no_grad():
-        correct = sum(int(head(encoder.summary_features([e.raw])).argmax()) == labels[e.descriptor]
-                      for e in entities[:200])
+        def accuracy(items) -> float:  # one item at a time: no padding effects
+            hits = sum(int(head(encoder.summary_features([e.raw])).argmax()) == labels[e.descriptor] for e in items)
+            return round(hits / max(1, len(items)), 4)
+
+        train_accuracy = accuracy(rng.sample(entities, min(200, len(entities))))
+        heldout_accuracy = accuracy(heldout) if heldout else None
         projector = encoder.projector()
         for module in projector.modules():
             if isinstance(module, torch.nn.Linear):
                 torch.nn.init.normal_(module.weight, std=module.in_features ** -0.5)
                 torch.nn.init.zeros_(module.bias)
-        soft = torch.cat(encoder([e.raw for e in entities[:64]]))
+        soft = torch.cat(encoder([e.raw for e in rng.sample(entities, min(64, len(entities)))]))
         scale = target_norm / soft.norm(dim=-1).mean().clamp_min(1e-6)
         last = [m for m in projector.modules() if isinstance(m, torch.nn.Linear)][-1]
         last.weight.mul_(scale)
     encoder.requires_grad_(False)
     return {"steps": steps, "seconds": round(time.time() - t0, 1), "final_loss": sum(losses[-20:]) / min(20, len(losses)),
-            "train_accuracy": round(correct / min(200, len(entities)), 4), "soft_token_norm": round(target_norm, 4)}
+            "train_accuracy": train_accuracy, "heldout_accuracy": heldout_accuracy, "corpus_size": len(entities),
+            "soft_token_norm": round(target_norm, 4)}
 
 
 def _projector_prefix(encoder) -> str:

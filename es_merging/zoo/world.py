@@ -203,6 +203,19 @@ class World:
                 train[modality] += group[cut:]
         return cls(seed=seed, train=train, heldout=heldout)
 
+    def pretraining_corpus(self, modality: str, per_class: int, seed: int = 0) -> list[Entity]:
+        """Unlabelled-world stand-in for an encoder's pre-training corpus (ESM is pre-trained on UniRef,
+        not on the task's entities): fresh entities from the same generator and a separate seed, never
+        a held-out one. Trained on the 270 training proteins alone, the protein encoder memorised their
+        backgrounds (held-out family accuracy of a linear probe 0.68-0.77); on 3,000 corpus proteins
+        it reached 1.00."""
+        generators = {"molecule": _molecules, "protein": _proteins, "cell": _cells}
+        if modality not in generators:
+            raise ValueError(f"unknown modality {modality!r}; choose one of {MODALITIES}")
+        held = {e.raw for e in self.heldout[modality]}
+        corpus = generators[modality](random.Random(f"{self.seed}-corpus-{modality}-{seed}"), per_class)
+        return [e for e in corpus if e.raw not in held]
+
     def samples(self, n: int, split: str = "train", seed: int = 0) -> list[WorldSample]:
         """n samples with uniformly drawn descriptor triples (so answers are balanced)."""
         pool = self.train if split == "train" else self.heldout
