@@ -143,9 +143,9 @@ def build_zoo(out: str | Path, *, preset: str = "tiny", seed: int = 0, overwrite
               progress: Callable[[str, int, int], None] | None = None, threads: int | str | None = "auto") -> dict:
     """Build the zoo into ``out`` (atomically). ``threads``: torch intra-op threads during the build
     (restored after); ``None`` keeps torch's setting; ``"auto"`` takes the cores that other work
-    leaves idle right now (:func:`idle_cores`, at least one). Measured on 2 cores: idle, two threads trained the base at
-    0.13 s/step against 0.24 with one; under a load of ~10, one thread built the test preset in 41 s
-    against 426 s with two (spinning threads fight over busy cores)."""
+    leaves idle right now (:func:`idle_cores`, at least one). Measured on 2 cores: idle, two threads
+    trained the base at 0.13 s/step against 0.24 with one; under a load of ~10, one thread built the
+    test preset in 41 s against 426 s with two (spinning threads fight over busy cores)."""
     previous = torch.get_num_threads()
     if threads == "auto":
         threads = idle_cores()
