@@ -60,7 +60,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -68,6 +67,7 @@ from pathlib import Path
 from typing import Callable
 
 from es_merging.errors import EsMergingError
+from es_merging.staging import staged_directory
 from es_merging.zoo.world import DESCRIPTORS, MODALITIES, QUESTION, Entity, World, WorldSample, molecule_descriptor
 
 ADAPT_FORMAT = "es-merging-adaptation/1"
@@ -460,9 +460,7 @@ def _adapt(zoo: Path, data_dir: Path, out: Path, *, steps, seed, overwrite, real
 
     with torch.no_grad():
         before = measure(model, "before")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_directory(out) as tmp:
         training = {}
         for i, m in enumerate(MODALITIES):
             by_label = {d: [e for e in splits[m][0] if e.descriptor == d] for d in DESCRIPTORS[m]}
@@ -511,12 +509,6 @@ def _adapt(zoo: Path, data_dir: Path, out: Path, *, steps, seed, overwrite, real
                                       "'adaptation.experts' holds the adapted experts' own-slot accuracies")
         (tmp / "zoo.json").write_text(json.dumps(zoo_report, indent=2))
         (tmp / "adaptation.json").write_text(json.dumps(record, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return record
 
 

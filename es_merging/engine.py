@@ -28,9 +28,7 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ import torch
 from es_merging.errors import ExpertError, MergeError
 from es_merging.experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ExpertSpec, checkpoint_files
 from es_merging.methods.base import MergeMethod, TensorContext
+from es_merging.staging import staged_directory
 
 log = logging.getLogger(__name__)
 
@@ -913,20 +912,8 @@ def atomic_output(out: str | Path, *, overwrite: bool = False, protect: list[Pat
         p = Path(p).expanduser().absolute()
         if p == out or out in p.parents:
             raise MergeError(f"output directory {out} would replace the input {p}; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_directory(out) as tmp:
         yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def merge(base_dir: str | Path, experts: list[ExpertSpec], method: MergeMethod, out: str | Path, *,

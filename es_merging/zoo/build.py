@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,6 +23,7 @@ import torch
 from es_merging.errors import EsMergingError
 from es_merging.experts import EXPERT_FORMAT, base_hash
 from es_merging.probe import MODALITY_ORDER
+from es_merging.staging import staged_directory
 from es_merging.zoo.presets import PRESETS, Preset
 from es_merging.zoo.world import DESCRIPTORS, MODALITIES, World
 
@@ -172,11 +172,9 @@ def _build_zoo(out: str | Path, *, preset: str, seed: int, overwrite: bool,
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise EsMergingError(f"{out} already exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     timings: dict[str, float] = {}
     t_all = time.time()
-    try:
+    with staged_directory(out) as tmp:
         torch.manual_seed(seed)
         t = time.time()
         world = World.generate(seed, per_class=p.per_class)
@@ -240,12 +238,6 @@ def _build_zoo(out: str | Path, *, preset: str, seed: int, overwrite: bool,
             "threads": torch.get_num_threads(),
         }
         (tmp / "zoo.json").write_text(json.dumps(report, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
