@@ -302,6 +302,7 @@ def test_build_refuses_an_existing_dir(tmp_path, capsys):
 
 def _fast_training(monkeypatch, fail_in: str | None = None, exc: type[BaseException] = RuntimeError):
     """Replace training and evaluation by no-ops (the real ones are covered by the session zoo)."""
+    import es_merging.zoo.build as build_mod
     import es_merging.zoo.evaluate as evaluate_mod
     import es_merging.zoo.train as train_mod
 
@@ -314,10 +315,11 @@ def _fast_training(monkeypatch, fail_in: str | None = None, exc: type[BaseExcept
         return {"steps": 0}
 
     def fake_experts(model, world, experts, **kw):
-        calls.append("experts")
+        if "experts" not in calls:
+            calls.append("experts")
         if fail_in == "experts":
             raise exc("interrupted in expert training")
-        return {"steps": 0}
+        return {"steps": 0, "seconds": 0.0, "final_loss": {n: 0.0 for n in experts}}
 
     def fake_evaluate(zoo_dir, world, **kw):
         calls.append("evaluate")
@@ -327,6 +329,10 @@ def _fast_training(monkeypatch, fail_in: str | None = None, exc: type[BaseExcept
         r = {"slot_accuracy": {m: 0.5 for m in MODALITIES}, "answer_accuracy": 0.5, "n": 1}
         return {k: {"raw": r, "text": r} for k in ("base", *MODALITIES)} | {"chance": r}
 
+    real_jobs = build_mod.run_expert_jobs  # in this process, where the fakes are in place
+
+    monkeypatch.setattr(build_mod, "run_expert_jobs",
+                        lambda jobs, processes, progress=None: real_jobs(jobs, processes=1, progress=progress))
     monkeypatch.setattr(train_mod, "train_base", fake_base)
     monkeypatch.setattr(train_mod, "train_experts", fake_experts)
     monkeypatch.setattr(evaluate_mod, "evaluate_zoo", fake_evaluate)
@@ -391,3 +397,66 @@ def test_idle_cores_reads_current_cpu_use():
     if busy is not None:  # Linux: /proc/stat
         assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-9
     assert 1 <= idle_cores(0.2) <= (os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------- expert jobs
+def _staged_copy(zoo_dir: Path, out: Path) -> Path:
+    """base/ and every encoder/ of the zoo: what the build has staged when the expert jobs start."""
+    import shutil
+
+    shutil.copytree(zoo_dir / "base", out / "base")
+    for m in MODALITIES:
+        if (zoo_dir / m / "encoder").is_dir():
+            shutil.copytree(zoo_dir / m / "encoder", out / m / "encoder")
+    return out
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_expert_jobs_give_the_same_bytes_in_workers_and_in_process(zoo_dir, tmp_path):
+    """An expert job depends only on the staged files and its seeds: retrained in worker processes or
+    in this process, each adapter is byte for byte the session zoo's (built by the same jobs)."""
+    from es_merging.zoo.expert_jobs import ExpertJob, run_expert_jobs
+
+    report = json.loads((zoo_dir / "zoo.json").read_text())
+    assert report["training"]["experts"]["molecule"]["threads"] == 1  # what makes the bytes comparable
+
+    def jobs(staged: Path, names):
+        return [ExpertJob(staged=str(staged), name=m, index=MODALITIES.index(m), preset="test", seed=0,
+                          base_hash=report["base_hash"], threads=1) for m in names]
+
+    workers = _staged_copy(zoo_dir, tmp_path / "workers")
+    seen = []
+    stats = run_expert_jobs(jobs(workers, ["molecule", "cell"]), processes=2,
+                            progress=lambda stage, done, total: seen.append((stage, done, total)))
+    inproc = _staged_copy(zoo_dir, tmp_path / "inproc")
+    stats_in = run_expert_jobs(jobs(inproc, ["protein"]), processes=1)
+    for staged, names in ((workers, ["molecule", "cell"]), (inproc, ["protein"])):
+        for m in names:
+            assert _sha(staged / m / "adapter_model.safetensors") == _sha(zoo_dir / m / "adapter_model.safetensors"), m
+            assert json.loads((staged / m / "expert.json").read_text()) == json.loads((zoo_dir / m / "expert.json").read_text())
+            config = json.loads((staged / m / "adapter_config.json").read_text())
+            assert config["base_model_name_or_path"] is None  # not the build's temporary directory
+            config["target_modules"] = sorted(config["target_modules"])  # peft writes a set
+            ref = json.loads((zoo_dir / m / "adapter_config.json").read_text())
+            assert config == ref | {"target_modules": sorted(ref["target_modules"])}
+        assert not list(staged.glob(".*")), "scratch directories left behind"
+    assert set(stats) == {"molecule", "cell"} and set(stats_in) == {"protein"}
+    assert stats["cell"]["train_seed"] != stats["molecule"]["train_seed"]
+    assert seen and seen[-1][0] == "train experts" and seen[-1][1] == seen[-1][2]  # progress reached the end
+
+
+def test_a_failing_expert_worker_is_reported_by_name(zoo_dir, tmp_path):
+    from es_merging.zoo.expert_jobs import ExpertJob, run_expert_jobs
+
+    staged = _staged_copy(zoo_dir, tmp_path / "staged")
+    (staged / "base" / "model.safetensors").write_bytes(b"not a safetensors file")
+    jobs = [ExpertJob(staged=str(staged), name=m, index=i, preset="test", seed=0, base_hash="x", threads=1)
+            for i, m in enumerate(["molecule", "cell"])]
+    with pytest.raises(EsMergingError, match=r"training the (molecule|cell) expert failed"):
+        run_expert_jobs(jobs, processes=2)
+    import multiprocessing
+
+    assert not multiprocessing.active_children(), "a worker outlived the failed build"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,15 +20,15 @@ from typing import Callable
 import torch
 
 from es_merging.errors import EsMergingError
-from es_merging.experts import EXPERT_FORMAT, base_hash
+from es_merging.experts import base_hash
 from es_merging.probe import MODALITY_ORDER
 from es_merging.staging import staged_directory
+from es_merging.zoo.expert_jobs import ExpertJob, run_expert_jobs
 from es_merging.zoo.presets import PRESETS, Preset
 from es_merging.zoo.world import DESCRIPTORS, MODALITIES, World
 
 log = logging.getLogger(__name__)
 ZOO_FORMAT = "es-merging-zoo/1"
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def idle_cores(window_s: float = 0.5) -> int:
@@ -119,26 +118,6 @@ def _encoder_corpus(world: World, modality: str, preset: Preset, seed: int):
     return world.train[modality]
 
 
-def _save_expert(peft_model, encoders, name: str, out: Path, digest: str, preset: Preset) -> None:
-    scratch = out.parent / f".{name}.adapters"
-    peft_model.save_pretrained(str(scratch), selected_adapters=[name], safe_serialization=True)
-    saved = scratch / name if (scratch / name).is_dir() else scratch
-    out.mkdir(parents=True)
-    for f in saved.iterdir():
-        if f.is_file() and f.name in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.move(str(f), out / f.name)
-    shutil.rmtree(scratch)
-    manifest = {
-        "format": EXPERT_FORMAT, "name": name, "modality": name, "kind": "lora", "base_hash": digest,
-        "encoder": "encoder" if name in encoders else None,
-        "description": f"embedded-world {name} expert: raw {name} input -> {'/'.join(DESCRIPTORS[name])}",
-        "preset": preset.name,
-    }
-    if name in encoders:
-        encoders[name].save(out / "encoder")
-    (out / "expert.json").write_text(json.dumps(manifest, indent=2))
-
-
 def build_zoo(out: str | Path, *, preset: str = "tiny", seed: int = 0, overwrite: bool = False,
               progress: Callable[[str, int, int], None] | None = None, threads: int | str | None = "auto") -> dict:
     """Build the zoo into ``out`` (atomically). ``threads``: torch intra-op threads during the build
@@ -159,12 +138,10 @@ def build_zoo(out: str | Path, *, preset: str = "tiny", seed: int = 0, overwrite
 
 def _build_zoo(out: str | Path, *, preset: str, seed: int, overwrite: bool,
                progress: Callable[[str, int, int], None] | None) -> dict:
-    from peft import LoraConfig, get_peft_model
-
     from es_merging.mllm import MultimodalModel
     from es_merging.zoo.evaluate import evaluate_zoo
     from es_merging.zoo.tokenizer import train_tokenizer
-    from es_merging.zoo.train import pretrain_encoder, train_base, train_experts
+    from es_merging.zoo.train import pretrain_encoder, train_base
 
     if preset not in PRESETS:
         raise EsMergingError(f"unknown zoo preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -192,28 +169,25 @@ def _build_zoo(out: str | Path, *, preset: str, seed: int, overwrite: bool,
         timings["base"] = round(time.time() - t, 2)
 
         t = time.time()
-        lora = dict(r=p.lora_rank, lora_alpha=p.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                    task_type="CAUSAL_LM")
-        torch.manual_seed(seed + 1)
-        peft_model = get_peft_model(base.backbone, LoraConfig(**lora), adapter_name=MODALITIES[0])
-        for name in MODALITIES[1:]:
-            peft_model.add_adapter(name, LoraConfig(**lora))
+        torch.manual_seed(seed + 1)  # encoder initialisation
         encoders = {m: e for m in MODALITIES if (e := _new_encoder(m, p)) is not None}
         with torch.no_grad():  # soft tokens as long as the base's own token embeddings
             target_norm = float(base.backbone.get_input_embeddings().weight.norm(dim=-1).mean())
-        encoder_stats = {
-            m: pretrain_encoder(enc, _encoder_corpus(world, m, p, seed), DESCRIPTORS[m], steps=p.encoder_steps,
-                                batch=p.batch, lr=1e-3, seed=seed + 3, target_norm=target_norm,
-                                heldout=world.heldout[m])
-            for m, enc in encoders.items()
-        }
+        encoder_stats = {}
+        for m, enc in encoders.items():
+            encoder_stats[m] = pretrain_encoder(enc, _encoder_corpus(world, m, p, seed), DESCRIPTORS[m],
+                                                steps=p.encoder_steps, batch=p.batch, lr=1e-3, seed=seed + 3,
+                                                target_norm=target_norm, heldout=world.heldout[m])
+            enc.save(tmp / m / "encoder")
         timings["encoders"] = round(time.time() - t, 2)
+
         t = time.time()
-        experts = MultimodalModel(peft_model, tokenizer, encoders)
-        expert_stats = train_experts(experts, world, list(MODALITIES), steps=p.expert_steps, batch=p.batch,
-                                     lr=p.lr_expert, seed=seed + 2, progress=progress)
-        for name in MODALITIES:
-            _save_expert(peft_model, encoders, name, tmp / name, digest, p)
+        threads = torch.get_num_threads()
+        jobs = [ExpertJob(staged=str(tmp), name=m, index=i, preset=p.name, seed=seed, base_hash=digest,
+                          threads=expert_threads(threads, len(MODALITIES)))
+                for i, m in enumerate(MODALITIES)]
+        processes = len(jobs) if threads >= 2 else 1
+        expert_stats = run_expert_jobs(jobs, processes=processes, progress=progress)
         timings["experts"] = round(time.time() - t, 2)
 
         t = time.time()
@@ -230,7 +204,8 @@ def _build_zoo(out: str | Path, *, preset: str, seed: int, overwrite: bool,
                       "heldout_entities": {m: len(v) for m, v in world.heldout.items()}},
             "base_hash": digest,
             "experts": {m: {"path": m, "modality": m, "encoder": m in encoders} for m in MODALITY_ORDER},
-            "training": {"base": base_stats, "encoders": encoder_stats, "experts": expert_stats},
+            "training": {"base": base_stats, "encoders": encoder_stats, "experts": expert_stats,
+                         "expert_processes": processes},
             "quality": quality,
             "gates": gates,
             "timings_s": timings,
@@ -239,6 +214,13 @@ def _build_zoo(out: str | Path, *, preset: str, seed: int, overwrite: bool,
         }
         (tmp / "zoo.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def expert_threads(threads: int, experts: int) -> int:
+    """Torch threads inside each expert job: one each up to one core per expert (the jobs run side by
+    side), the cores shared out above that. With 1 to 5 threads every job has one thread, so the
+    experts come out the same bytes whatever --threads says (the base still depends on it)."""
+    return max(1, threads // experts)
 
 
 def quality_gates(q: dict) -> dict:

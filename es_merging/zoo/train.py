@@ -77,6 +77,22 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
 
 
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy and the number of positions it covers (to average over groups)."""
+    total = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100, reduction="sum")
+    return total, int((labels != -100).sum())
+
+
+def split_rows(flags: list[bool]) -> list[list[int]]:
+    """Row indices grouped by ``flags`` (True rows first); empty groups dropped.
+
+    A training batch mixes rows of very different lengths (tiny zoo: text-only prompts 49 tokens,
+    gene-list rows 79, all-raw rows ~118); one forward per group pads each group to its own width
+    instead of every row to the longest, ~25-30% fewer token positions for the same loss."""
+    groups = [[i for i, f in enumerate(flags) if f], [i for i, f in enumerate(flags) if not f]]
+    return [g for g in groups if g]
+
+
 def optimizer_step(opt, params, loss: torch.Tensor, step: int, steps: int, lr: float) -> float:
     """One AdamW step with warm-up + cosine learning rate and gradient clipping; returns the loss."""
     for g in opt.param_groups:
@@ -120,12 +136,18 @@ def train_base(model, world: World, *, steps: int, batch: int, lr: float, seed: 
         genes = [False] * len(chunk) + [True] * len(extra)
         rendered = [render_example(model.renderer, ws, dict(spans, cell="raw") if g else spans, eos)
                     for ws, g in zip(chunk + extra, genes)]
-        b, labels, _ = targets(model, rendered, [set() if g else None for g in genes], [False] * len(rendered))
-        for row in (i for i, g in enumerate(genes) if g):
-            for j in b.masks["cell"][row].nonzero(as_tuple=True)[0].tolist()[1:]:
-                labels[row, j - 1] = b.input_ids[row, j]
-        logits = model.forward(b).logits
-        loss = lm_loss(logits, labels)
+        total, count = 0.0, 0
+        for group in split_rows(genes):  # gene rows are longer than reasoning rows: a forward each
+            gene_rows = genes[group[0]]
+            b, labels, _ = targets(model, [rendered[i] for i in group], [set() if gene_rows else None] * len(group),
+                                   [False] * len(group))
+            if gene_rows:
+                for row in range(len(group)):
+                    for j in b.masks["cell"][row].nonzero(as_tuple=True)[0].tolist()[1:]:
+                        labels[row, j - 1] = b.input_ids[row, j]
+            part, n = lm_loss_sum(model.forward(b).logits, labels)
+            total, count = total + part, count + n
+        loss = total / max(1, count)
         losses.append(optimizer_step(opt, params, loss, step, steps, lr))
         if progress and (step % 20 == 0 or step == steps - 1):
             progress("train base", step + 1, steps)
@@ -231,20 +253,30 @@ def train_experts(model, world: World, experts: list[str], *, steps: int, batch:
                     spans = {m: "text" for m in MODALITIES}
                     ce.append(None), kl.append(False)
                 rendered.append(render_example(model.renderer, ws, spans, eos))
-            b, labels, kl_mask = targets(model, rendered, ce, kl)
-            base_logits = None
-            if kl_mask.any():  # the base's reply distribution, before the expert's graph is built
-                model.set_adapter(None)
-                with torch.no_grad():
-                    base_logits = model.forward(b).logits
             model.set_adapter(name)
             model.zero_grad(set_to_none=True)
-            logits = model.forward(b).logits
-            loss = lm_loss(logits, labels)
-            if base_logits is not None:
-                lp = torch.log_softmax(logits[kl_mask], -1)
-                lq = torch.log_softmax(base_logits[kl_mask], -1)
-                loss = loss + kl_weight * F.kl_div(lp, lq, log_target=True, reduction="batchmean")
+            ce_total, ce_count, kl_total, kl_count = 0.0, 0, 0.0, 0
+            for group in split_rows(kl):  # all-raw rows (KL) are the longest: a forward each
+                b, labels, kl_mask = targets(model, [rendered[i] for i in group], [ce[i] for i in group],
+                                             [kl[i] for i in group])
+                base_logits = None
+                if kl_mask.any():  # the base's reply distribution, on the KL rows only
+                    model.set_adapter(None)
+                    with torch.no_grad():
+                        base_logits = model.forward(b).logits
+                    model.set_adapter(name)
+                logits = model.forward(b).logits
+                part, n = lm_loss_sum(logits, labels)
+                ce_total, ce_count = ce_total + part, ce_count + n
+                if base_logits is not None:
+                    lp = torch.log_softmax(logits[kl_mask], -1)
+                    lq = torch.log_softmax(base_logits[kl_mask], -1)
+                    kl_total = kl_total + F.kl_div(lp, lq, log_target=True, reduction="sum")
+                    kl_count += int(kl_mask.sum())
+            # per-position means over the whole batch, as one forward over all rows would give
+            loss = ce_total / max(1, ce_count)
+            if kl_count:
+                loss = loss + kl_weight * kl_total / kl_count
             opt, params = opts[name]
             for g in opt.param_groups:
                 g["lr"] = _cosine_lr(step, steps, lr, warmup=max(1, steps // 20))
