@@ -123,11 +123,14 @@ class Probe(BaseModel):
         if not isinstance(data, dict) or data.get("format") != PROBE_FORMAT:
             raise ProbeError(f"probe file {path}: expected \"format\": \"{PROBE_FORMAT}\"")
         stored = data.pop("hash", None)
+        if not isinstance(stored, str) or not stored:
+            raise ProbeError(f"probe file {path} has no content \"hash\" (every probe es-merging writes has "
+                             "one); rebuild it with `es-merging probe build` (from a table: --table FILE.csv)")
         try:
             probe = cls.model_validate(data)
         except ValueError as exc:
             raise ProbeError(f"probe file {path}: {exc}") from None
-        if stored and stored != probe.content_hash:
+        if stored != probe.content_hash:
             raise ProbeError(f"probe file {path}: content hash mismatch (edited by hand?); rebuild it")
         return probe
 

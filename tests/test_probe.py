@@ -264,6 +264,20 @@ def test_hand_edited_probe_is_refused(tmp_path):
         Probe.load(path)
 
 
+def test_probe_without_hash_is_refused(tmp_path):
+    probe = build_probe([{"smiles": ASPIRIN, "cell": T_CELL}, {"smiles": CAFFEINE, "cell": MONO}])
+    path = probe.save(tmp_path / "p.json")
+    data = json.loads(path.read_text())
+    for bad in (None, "", 7):
+        if bad is None:
+            data.pop("hash", None)
+        else:
+            data["hash"] = bad
+        path.write_text(json.dumps(data))
+        with pytest.raises(ProbeError, match=r"p\.json has no content \"hash\".*probe build"):
+            Probe.load(path)
+
+
 def test_missing_and_garbled_probe_files(tmp_path):
     with pytest.raises(ProbeError, match="does not exist"):
         Probe.load(tmp_path / "none.json")
@@ -432,3 +446,30 @@ def test_cli_probe_build_from_zoo(zoo_dir, tmp_path, capsys):
     assert Probe.load(again).content_hash == probe.content_hash
     assert main(["probe", "build", "--zoo", str(tmp_path / "nozoo"), "--n", "3", "--out", str(out)]) == 2
     assert "zoo" in capsys.readouterr().err
+
+
+def test_cli_probe_build_from_zoo_diverse(zoo_dir, tmp_path, capsys):
+    """--strategy diverse is honoured for zoo probes: MaxMin over a larger candidate pool gives drugs
+    farther apart than the random probe of the same seed."""
+    import numpy as np
+
+    from es_merging.cli import main
+    from es_merging.modalities.molecule import morgan_fingerprints, tanimoto_matrix
+
+    paths = {}
+    for strategy in ("random", "diverse"):
+        paths[strategy] = tmp_path / f"{strategy}.json"
+        assert main(["probe", "build", "--zoo", str(zoo_dir), "--n", "12", "--seed", "2", "--strategy", strategy,
+                     "--out", str(paths[strategy])]) == 0
+        assert json.loads(capsys.readouterr().out)["strategy"] == strategy
+    probes = {k: Probe.load(v) for k, v in paths.items()}
+    assert len(probes["diverse"].samples) == 12 and probes["diverse"].strategy == "diverse"
+    assert probes["diverse"].content_hash != probes["random"].content_hash
+
+    def mean_similarity(probe) -> float:
+        sims = tanimoto_matrix(morgan_fingerprints([s.smiles for s in probe.samples]))
+        return float(sims[np.triu_indices(len(sims), 1)].mean())
+
+    assert mean_similarity(probes["diverse"]) < mean_similarity(probes["random"])
+    assert main(["probe", "build", "--zoo", str(zoo_dir), "--n", "0", "--out", str(tmp_path / "x.json")]) == 2
+    assert "between 1 and" in capsys.readouterr().err

@@ -165,6 +165,11 @@ async def test_zoo_merge_describe_predict_screen(zoo_server, zoo_dir):
         assert sorted(e["id"] for e in r.structured_content["experts"]) == ["zoo-cell", "zoo-molecule", "zoo-protein"]
         r = await c.call_tool("build_probe", {"from_zoo": True, "n": 8, "name": "zp"})
         assert not r.is_error, r.content[0].text
+        zp = r.structured_content
+        r = await c.call_tool("build_probe", {"from_zoo": True, "n": 8, "strategy": "diverse", "name": "zd"})
+        assert not r.is_error, r.content[0].text
+        zd = r.structured_content  # MaxMin over a larger pool of the world: another probe
+        assert zd["n"] == 8 and zd["n_candidates"] == 64 and zd["hash"] != zp["hash"]
         r = await c.call_tool("start_merge", {"experts": ["zoo-molecule", "zoo-protein", "zoo-cell"], "method": "es",
                                               "probe": "zp", "name": "es-zoo"})
         assert not r.is_error, r.content[0].text

@@ -34,7 +34,7 @@ def _build(args) -> int:
     from es_merging.zoo import probe_from_zoo
 
     if args.zoo:
-        probe = probe_from_zoo(args.zoo, n=args.n or 64, seed=args.seed)
+        probe = probe_from_zoo(args.zoo, n=64 if args.n is None else args.n, seed=args.seed, strategy=args.strategy)
     elif args.table:
         probe = build_probe(samples_from_table(args.table), n=args.n, strategy=args.strategy, seed=args.seed,
                             source=f"table:{args.table}", skip_invalid=args.skip_invalid)

@@ -25,14 +25,27 @@ def zoo_world(zoo_dir: str | Path):
     return World.generate(report["world"]["seed"], per_class=report["world"]["per_class"])
 
 
-def probe_from_zoo(zoo_dir: str | Path, n: int = 64, seed: int = 0, split: str = "train"):
-    """An unlabeled probe of n samples drawn from the zoo's world (raw inputs only)."""
-    from es_merging.probe import build_probe
+DIVERSE_POOL = 8  # 'diverse' picks n of this many times n candidate samples
+
+
+def probe_from_zoo(zoo_dir: str | Path, n: int = 64, seed: int = 0, split: str = "train", strategy: str = "random"):
+    """An unlabeled probe of n samples drawn from the zoo's world (raw inputs only).
+
+    ``random``: n samples of the world's seeded stream. ``diverse``: MaxMin on the drugs' Morgan
+    fingerprints over a candidate pool of ``DIVERSE_POOL`` x n samples of that stream (the world
+    reuses its molecules across samples, so the pool must be larger than n for a choice to exist)."""
+    from es_merging.errors import ProbeError
+    from es_merging.probe import MAX_PROBE_SAMPLES, build_probe
     from es_merging.zoo.train import to_probe_sample
 
+    if strategy not in ("random", "diverse"):
+        raise ProbeError(f"unknown sampling strategy {strategy!r}; use 'random' or 'diverse'")
+    if not 1 <= n <= MAX_PROBE_SAMPLES:
+        raise ProbeError(f"probe size n={n} must be between 1 and {MAX_PROBE_SAMPLES}")
     world = zoo_world(zoo_dir)
+    pool = n if strategy == "random" else min(n * DIVERSE_POOL, MAX_PROBE_SAMPLES)
     samples = []
-    for i, ws in enumerate(world.samples(n, split, seed=seed + 1000)):
+    for i, ws in enumerate(world.samples(pool, split, seed=seed + 1000)):
         s = to_probe_sample(ws, i)
         samples.append(s.model_copy(update={"descriptors": {}, "answer": None}))
-    return build_probe(samples, source=f"zoo:{Path(zoo_dir).name}", seed=seed, strategy="random")
+    return build_probe(samples, n=n, source=f"zoo:{Path(zoo_dir).name}", seed=seed, strategy=strategy)
