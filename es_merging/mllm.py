@@ -66,7 +66,9 @@ class MultimodalModel(nn.Module):
         self.renderer = PromptRenderer(tokenizer, {m: e.num_tokens for m, e in self.encoders.items()})
         self.placeholder_ids = dict(self.renderer.placeholder_ids)
         self._active: str | None = None
-        self._soft_cache: dict[tuple[str, Any], torch.Tensor] = {}
+        # (modality, input) -> (the encoder that made it, soft tokens): an entry made by an encoder
+        # that has since been replaced (model.encoders[m] = other) is not a hit
+        self._soft_cache: dict[tuple[str, Any], tuple[nn.Module, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -214,8 +216,8 @@ class MultimodalModel(nn.Module):
             if k in out:
                 continue
             hit = self._soft_cache.get((modality, k)) if use_cache else None
-            if hit is not None:
-                out[k] = hit
+            if hit is not None and hit[0] is encoder:
+                out[k] = hit[1]
             else:
                 out[k] = None  # type: ignore[assignment]
                 todo.append((k, r))
@@ -224,7 +226,7 @@ class MultimodalModel(nn.Module):
             for (k, _), v in zip(todo, vecs):
                 out[k] = v
                 if use_cache and len(self._soft_cache) < 50_000:
-                    self._soft_cache[(modality, k)] = v.detach()
+                    self._soft_cache[(modality, k)] = (encoder, v.detach())
         return out
 
     def inputs_embeds(self, batch: Batch) -> torch.Tensor:

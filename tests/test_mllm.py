@@ -196,6 +196,28 @@ def test_encoder_cache_at_inference_only(model, samples):
         model.clear_cache()
 
 
+def test_encoder_cache_is_not_served_to_a_replaced_encoder(model, samples, zoo_dir):
+    """The cache is keyed by input; an entry made by another encoder must not be a hit."""
+    original = model.encoders["molecule"]
+    other = load_encoder(zoo_dir / "molecule" / "encoder")
+    with torch.no_grad():
+        for param in other.projector().parameters():  # a different encoder: every soft token negated
+            param.mul_(-1.0)
+    model.set_adapter(None)
+    model.clear_cache()
+    batch = model.collate([model.renderer.render(s) for s in samples])
+    rows = batch.masks["molecule"]
+    try:
+        with torch.no_grad():
+            first = model.inputs_embeds(batch)
+            model.encoders["molecule"] = other
+            swapped = model.inputs_embeds(batch)
+        assert torch.allclose(swapped[rows], -first[rows], atol=1e-6)  # the new encoder's tokens, not the cached
+    finally:
+        model.encoders["molecule"] = original
+        model.clear_cache()
+
+
 def test_soft_tokens_carry_gradients_to_the_encoder(model, samples):
     enc = model.encoders["molecule"]
     model.set_adapter(None)
