@@ -285,3 +285,20 @@ def test_batch_parse_follows_the_stereo_perception_setting(legacy):
                 assert mol.ToBinary() == Chem.MolFromSmiles(text).ToBinary()
     finally:
         Chem.SetUseLegacyStereoPerception(before)
+
+
+def test_prebuilt_match_parameters_match_like_the_plain_calls():
+    # the searches pass SubstructMatchParameters made once instead of keyword defaults
+    queries = [Chem.MolFromSmarts(s) for s in ("[H1,H3]", "[!H0;!H1;!H2;!H3]", "c(:a)(:a):a", "[C&H2](C)C",
+                                                "O=[#6][#6]=O", "[$([A;R][!a])]", "[N&+0]([A&!#1])([A&!#1])[A&!#1]")]
+    queries += list(QED.StructuralAlerts[:20]) + list(QED.Acceptors)
+    with rdBase.BlockLogs():
+        mols = [m for m in (Chem.MolFromSmiles(s) for s in _corpus()[::3]) if m is not None]
+    for mol in mols:
+        n = mol.GetNumAtoms()
+        for query in queries:
+            assert mol.GetSubstructMatches(query, mm._NON_UNIQUE) == mol.GetSubstructMatches(query, False, False, False, 1000)
+            assert mol.GetSubstructMatches(query, mm._UNIQUE) == mol.GetSubstructMatches(query)
+            assert mol.HasSubstructMatch(query, mm._ANY) == mol.HasSubstructMatch(query)
+        for query, _bit in mm._H_COUNTS:
+            assert mol.GetSubstructMatches(query, mm._EVERY_ATOM) == mol.GetSubstructMatches(query, False, False, False, n)

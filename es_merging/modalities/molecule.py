@@ -217,8 +217,22 @@ _ODD_BOND = re.compile(r"[~<>]")  # RDKit writes a dative bond '->' or '<-', any
 _HAS_H = Chem.MolFromSmarts("[!H0]")
 # H counts in 3 searches: 1 and 3 set bit 1, 2 and 3 set bit 2; 4 or more asked atom by atom
 _H_COUNTS = [(Chem.MolFromSmarts(q), bit) for q, bit in (("[H1,H3]", 1), ("[H2,H3]", 2), ("[!H0;!H1;!H2;!H3]", 4))]
-_IN_RING, _IN_RINGS = Chem.MolFromSmarts("[R]"), Chem.MolFromSmarts("[!R0;!R1]")  # in a ring, in 2+ rings
 _MANY = 15  # degrees, H counts and ring counts are kept in 4 bits: 15 stands for "15 or more"
+
+
+def _match_parameters(uniquify: bool = True, max_matches: int = 1000) -> Chem.SubstructMatchParameters:
+    """Search settings made once: passing them saves building them from keyword defaults on every
+    call (~0.2-1 us a search, ~30 searches a molecule). Otherwise RDKit's defaults, as the plain
+    GetSubstructMatches / HasSubstructMatch calls use them (tested: same matches)."""
+    params = Chem.SubstructMatchParameters()
+    params.uniquify, params.maxMatches = uniquify, max_matches
+    return params
+
+
+_EVERY_ATOM = _match_parameters(uniquify=False, max_matches=2**31 - 1)  # one-atom queries: every matching atom
+_NON_UNIQUE = _match_parameters(uniquify=False)  # as RDKit's Crippen typing asks: every match, at most 1000
+_UNIQUE = _match_parameters()  # GetSubstructMatches(query): uniquified, at most 1000
+_ANY = _match_parameters(max_matches=1)  # HasSubstructMatch(query)
 
 
 def _kind(token: str) -> int | None:
@@ -258,8 +272,9 @@ class _Facts:
 
     ``codes`` is None (and the screens fall back to the SMILES signature) when this cannot be read
     with certainty: explicit hydrogen atoms, a dative or unusual bond, an atom token RDKit cannot
-    read alone, a SMILES that is not this molecule's. The H counts and ring counts are read with
-    RDKit's own H and R query primitives (5 searches), the bonds from its adjacency matrix."""
+    read alone, a SMILES that is not this molecule's. The H counts are read with RDKit's own H query
+    primitive (3 searches), the ring counts from the RingInfo its R primitive reads (atom by atom:
+    ~3 us, where searching [R] and [!R0;!R1] took ~8), the bonds from its adjacency matrix."""
 
     __slots__ = ("codes", "pairs", "hs", "edges", "_kept")
 
@@ -281,47 +296,48 @@ class _Facts:
             return
         kind_of = _KIND_OF_TOKEN
         try:
-            by_token = [kind_of[token] for token in tokens]
+            by_token = [kind_of[token] << 12 for token in tokens]
         except KeyError:
             by_token = [_kind(token) for token in tokens]
             if None in by_token:
                 return
-        kinds = [0] * n
-        for idx, kind in zip(map(int, order), by_token):
-            kinds[idx] = kind << 12
+            by_token = [kind << 12 for kind in by_token]
         adjacency = Chem.GetAdjacencyMatrix(mol, useBO=True)
         rows, cols = np.nonzero(adjacency)  # each bond twice, with its order (0: dative, zero-order...)
         if len(rows) != 2 * mol.GetNumBonds():
             return
         upper = rows < cols
         begins, ends = rows[upper], cols[upper]
-        bond_types = [_BOND_TYPE_OF_ORDER.get(order) for order in adjacency[begins, ends].tolist()]
-        if None in bond_types:
+        type_of = _BOND_TYPE_OF_ORDER
+        bond_types = [type_of.get(order, 0) << 24 for order in adjacency[begins, ends].tolist()]
+        if 0 in bond_types:
             return
         hs: dict[int, int] = {}  # what RDKit's H primitive counts, atom by atom
+        get = hs.get
         for query, bit in _H_COUNTS:
-            for (idx,) in mol.GetSubstructMatches(query, False, False, False, n):
-                hs[idx] = hs.get(idx, 0) | bit if bit < 4 else mol.GetAtomWithIdx(idx).GetTotalNumHs()
-        low = [0] * n  # H count << 4 | number of rings, each 15 at most
+            for (idx,) in mol.GetSubstructMatches(query, _EVERY_ATOM):
+                hs[idx] = get(idx, 0) | bit if bit < 4 else mol.GetAtomWithIdx(idx).GetTotalNumHs()
+        codes = [0] * n
+        for idx, kind in zip(map(int, order), by_token):
+            codes[idx] = kind
         for idx, count in hs.items():
-            low[idx] = min(count, _MANY) << 4
+            codes[idx] |= (count if count < _MANY else _MANY) << 4
+        degrees = np.bincount(rows, minlength=n).tolist()
+        ring_info = mol.GetRingInfo()
         if not rings:
-            low = [x | _MANY for x in low]
-        elif mol.GetRingInfo().NumRings():  # RDKit's R primitive: the number of (SSSR) rings
-            for (idx,) in mol.GetSubstructMatches(_IN_RING, False, False, False, n):
-                low[idx] |= 1
-            fused = mol.GetSubstructMatches(_IN_RINGS, False, False, False, n)
-            if fused:
-                ring_info = mol.GetRingInfo()
-                for (idx,) in fused:
-                    low[idx] = low[idx] & ~_MANY | min(ring_info.NumAtomRings(idx), _MANY)
-        codes = [kind | (degree << 8 if degree < _MANY else _MANY << 8) | x
-                 for kind, degree, x in zip(kinds, np.bincount(rows, minlength=n).tolist(), low)]
+            codes = [code | (d if d < _MANY else _MANY) << 8 | _MANY for code, d in zip(codes, degrees)]
+        elif ring_info.NumRings():  # RDKit's R primitive: RingInfo.numAtomRings, the number of (SSSR) rings
+            count = ring_info.NumAtomRings  # asked atom by atom: cheaper than searching [R] and [!R0;!R1]
+            codes = [code | (d if d < _MANY else _MANY) << 8 | (r if r < _MANY else _MANY)
+                     for code, d, r in zip(codes, degrees, map(count, range(n)))]
+        else:
+            codes = [code | (d if d < _MANY else _MANY) << 8 for code, d in zip(codes, degrees)]
         begins, ends = begins.tolist(), ends.tolist()
         pairs = set()
+        add = pairs.add
         for a, b, bond_type in zip(begins, ends, bond_types):
             a, b = codes[a], codes[b]
-            pairs.add(a << 32 | bond_type << 24 | b if a <= b else b << 32 | bond_type << 24 | a)
+            add(a << 32 | bond_type | b if a <= b else b << 32 | bond_type | a)
         self.codes, self.pairs, self.hs, self.edges = codes, frozenset(pairs), hs, (begins, ends)
 
     @staticmethod
@@ -814,7 +830,7 @@ def _rotatable_bonds(mol: Chem.Mol, signature=None, facts: _Facts | None = None)
     query = _rotor_query(signature, facts)
     if query is None:
         return rdmd.CalcNumRotatableBonds(mol, rdmd.NumRotatableBondsOptions.Strict)
-    return len(mol.GetSubstructMatches(query))  # RDKit's count: uniquified, at most 1000, as here
+    return len(mol.GetSubstructMatches(query, _UNIQUE))  # RDKit's count: uniquified, at most 1000, as here
 
 
 def _lipinski_hba(mol: Chem.Mol, signature=None, facts: _Facts | None = None) -> int:
@@ -824,7 +840,7 @@ def _lipinski_hba(mol: Chem.Mol, signature=None, facts: _Facts | None = None) ->
     if query is None:
         return rdmd.CalcNumHBA(mol)
     query = _hba_query(query, signature, facts)
-    return len(mol.GetSubstructMatches(query)) if query is not None else 0
+    return len(mol.GetSubstructMatches(query, _UNIQUE)) if query is not None else 0
 
 
 @lru_cache(maxsize=1)
@@ -925,7 +941,7 @@ def _heavy_logp_contribs(mol: Chem.Mol, signature, typer, facts: _Facts | None =
     kept = facts.kept(screen) if facts is not None else None
     if kept is None:
         for i in screen.kept(signature):
-            for match in mol.GetSubstructMatches(screen.patterns[i], False, False, False, 1000):
+            for match in mol.GetSubstructMatches(screen.patterns[i], _NON_UNIQUE):
                 if contribs[match[0]] is None:
                     contribs[match[0]] = logps[i]
                     left -= 1
@@ -951,7 +967,7 @@ def _heavy_logp_contribs(mol: Chem.Mol, signature, typer, facts: _Facts | None =
                     live |= first[code]
             if not live >> i & 1:
                 continue
-        for match in mol.GetSubstructMatches(screen.patterns[i], False, False, False, 1000):
+        for match in mol.GetSubstructMatches(screen.patterns[i], _NON_UNIQUE):
             atom = match[0]
             if contribs[atom] is None:
                 contribs[atom] = logps[i]
@@ -1068,7 +1084,7 @@ def _qed_aromatic_rings(mol: Chem.Mol, smiles: str | None, facts: _Facts | None)
     n_atoms = mol.GetNumAtoms()
     # AliphaticRings is [$([A;R][!a])]: an aliphatic atom in a ring, so none (by the atom codes, whose
     # ring counts are known, or 15 for unknown) means nothing to delete without searching
-    deleted = mol.GetSubstructMatches(QED.AliphaticRings) if any(
+    deleted = mol.GetSubstructMatches(QED.AliphaticRings, _UNIQUE) if any(
         not _KIND_KEYS[code >> 12][1] and code & _MANY for code in set(facts.codes)) else ()
     if not deleted:
         return mol.GetNumBonds() - n_atoms + smiles.count(".") + 1
@@ -1122,10 +1138,10 @@ def _qed_properties_many(mols: Sequence[Chem.Mol], knowns: Sequence[dict | None]
             kept_alerts.append(fact.kept(alerts))
     arom = [_qed_aromatic_rings(m, s, f) for m, s, f in zip(mols, smiles, facts)]
     # QED: sum(len(GetSubstructMatches(p)) for p if HasSubstructMatch(p)); no match adds 0 anyway
-    hba = [sum(len(m.GetSubstructMatches(acceptors.patterns[i])) for i in kept)
+    hba = [sum(len(m.GetSubstructMatches(acceptors.patterns[i], _UNIQUE)) for i in kept)
            for m, kept in zip(mols, kept_acceptors)]
     # one C++ FilterCatalog call over the kept alerts is no faster: the searches themselves cost
-    n_alerts = [sum(1 for i in kept if m.HasSubstructMatch(alerts.patterns[i])) for m, kept in zip(mols, kept_alerts)]
+    n_alerts = [sum(1 for i in kept if m.HasSubstructMatch(alerts.patterns[i], _ANY)) for m, kept in zip(mols, kept_alerts)]
     return [QED.QEDproperties(MW=k["mw"], ALOGP=k["logp"], HBA=a, HBD=k["hbd"], PSA=k["tpsa"], ROTB=k["rotb"],
                               AROM=r, ALERTS=n)
             for k, a, r, n in zip(knowns, hba, arom, n_alerts)]
