@@ -14,6 +14,7 @@ from rdkit.Chem import rdMolDescriptors as rdmd
 from es_merging.errors import InvalidInputError
 from es_merging.modalities import MODALITIES, inspect
 from es_merging.modalities import molecule as molecule_module
+from es_merging.modalities import molecule_fast, molecule_screens
 from es_merging.modalities.molecule import (
     describe_molecule, inspect_molecules, morgan_fingerprint, morgan_fingerprints, parse_molecule, qed, tanimoto,
     tanimoto_matrix,
@@ -212,18 +213,18 @@ def test_crippen_logp_is_bit_identical_to_rdkit():
 def test_qed_is_identical_to_rdkit():
     # the alert screen, the rarest-first alert order and the reused values must not change a bit
     for mol in _varied_molecules():
-        assert tuple(molecule_module._qed_properties(Chem.Mol(mol))) == tuple(QED.properties(Chem.Mol(mol))), \
+        assert tuple(molecule_fast._qed_properties(Chem.Mol(mol))) == tuple(QED.properties(Chem.Mol(mol))), \
             Chem.MolToSmiles(mol)
         assert qed(Chem.Mol(mol)) == QED.qed(Chem.Mol(mol)), Chem.MolToSmiles(mol)
 
 
 def test_compiled_counts_equal_rdkit():
-    assert set(molecule_module._fast_counts()) == {"rotb", "hba"}  # the panel check passed on this RDKit
-    assert molecule_module._crippen_heavy() is not None
+    assert set(molecule_screens._fast_counts()) == {"rotb", "hba"}  # the panel check passed on this RDKit
+    assert molecule_screens._crippen_heavy() is not None
     strict = rdmd.NumRotatableBondsOptions.Strict
     for mol in _varied_molecules():
-        assert molecule_module._rotatable_bonds(mol) == rdmd.CalcNumRotatableBonds(mol, strict)
-        assert molecule_module._lipinski_hba(mol) == rdmd.CalcNumHBA(mol)
+        assert molecule_fast._rotatable_bonds(mol) == rdmd.CalcNumRotatableBonds(mol, strict)
+        assert molecule_fast._lipinski_hba(mol) == rdmd.CalcNumHBA(mol)
 
 
 def test_describe_equals_rdkit_reference_at_both_levels():
@@ -239,34 +240,34 @@ def test_describe_equals_rdkit_reference_at_both_levels():
 
 def test_fast_routes_fall_back_to_rdkit_when_a_check_fails(monkeypatch):
     # a pattern that disagrees with RDKit on the panel is dropped; a missing Crippen table too
-    monkeypatch.setattr(molecule_module, "_STRICT_ROTOR", "[!D1]-&!@[!D1]")
+    monkeypatch.setattr(molecule_screens, "_STRICT_ROTOR", "[!D1]-&!@[!D1]")
     monkeypatch.setattr(RDConfig, "RDDataDir", "/nonexistent")
-    molecule_module._fast_counts.cache_clear()
-    molecule_module._crippen_heavy.cache_clear()
+    molecule_screens._fast_counts.cache_clear()
+    molecule_screens._crippen_heavy.cache_clear()
     try:
-        assert set(molecule_module._fast_counts()) == {"hba"}
-        assert molecule_module._crippen_heavy() is None
+        assert set(molecule_screens._fast_counts()) == {"hba"}
+        assert molecule_screens._crippen_heavy() is None
         mol = parse_molecule(IMATINIB)
         strict = rdmd.NumRotatableBondsOptions.Strict
-        assert molecule_module._rotatable_bonds(mol) == rdmd.CalcNumRotatableBonds(mol, strict)
+        assert molecule_fast._rotatable_bonds(mol) == rdmd.CalcNumRotatableBonds(mol, strict)
         assert molecule_module.crippen_logp(mol, Chem.MolToSmiles(mol)) == Crippen.MolLogP(Chem.Mol(mol))
     finally:
         monkeypatch.undo()
-        molecule_module._fast_counts.cache_clear()
-        molecule_module._crippen_heavy.cache_clear()
-    assert set(molecule_module._fast_counts()) == {"rotb", "hba"}
+        molecule_screens._fast_counts.cache_clear()
+        molecule_screens._crippen_heavy.cache_clear()
+    assert set(molecule_screens._fast_counts()) == {"rotb", "hba"}
 
 
 def test_alert_screen_keeps_what_can_match():
-    screen = molecule_module._alert_screen()
+    screen = molecule_screens._alert_screen()
     ethanol = parse_molecule("CCO")
-    kept = set(screen.kept(molecule_module._signature(ethanol, "CCO")))
+    kept = set(screen.kept(molecule_screens._signature(ethanol, "CCO")))
     assert len(kept) < 60  # no aromatic atom, no halogen, no S, no '=': most alerts cannot match
     everything = "CC#CC=CCl.Br.I.F.[Na+].[O-]c1ccsc1.c1cc[n+](C)cc1.[13CH4].[15NH3].[18OH2].[34SH2].P.[SiH4].[SeH2].B"
     mol = parse_molecule(everything)
-    assert len(screen.kept(molecule_module._signature(mol, Chem.MolToSmiles(mol)))) > 100
+    assert len(screen.kept(molecule_screens._signature(mol, Chem.MolToSmiles(mol)))) > 100
     # a SMILES that does not account for every atom (not the molecule's own): no screening at all
-    assert molecule_module._signature(ethanol, "CC") is None
+    assert molecule_screens._signature(ethanol, "CC") is None
     assert screen.kept(None) == tuple(range(len(screen.patterns)))
 
 

@@ -13,6 +13,8 @@ from rdkit.Chem import QED, Crippen, Descriptors, rdinchi
 from rdkit.Chem import rdMolDescriptors as rdmd
 
 from es_merging.modalities import molecule as mm
+from es_merging.modalities import molecule_fast as mf
+from es_merging.modalities import molecule_screens as ms
 from es_merging.modalities.molecule import inspect_molecules
 
 STRICT = rdmd.NumRotatableBondsOptions.Strict
@@ -132,29 +134,29 @@ def test_unrounded_values_are_bit_identical():
     for start in range(0, len(mols), 64):
         batch = [Chem.Mol(m) for m in mols[start:start + 64]]
         texts = [Chem.MolToSmiles(m) for m in batch]
-        facts = [mm._Facts(m, t) for m, t in zip(batch, texts)]
-        logps = [mm._crippen_logp(m, t, f) for m, t, f in zip(batch, texts, facts)]
-        rotbs = [mm._rotatable_bonds(m, mm._signature(m, t), f) for m, t, f in zip(batch, texts, facts)]
+        facts = [ms._Facts(m, t) for m, t in zip(batch, texts)]
+        logps = [mf._crippen_logp(m, t, f) for m, t, f in zip(batch, texts, facts)]
+        rotbs = [mf._rotatable_bonds(m, ms._signature(m, t), f) for m, t, f in zip(batch, texts, facts)]
         known = [{"mw": rdmd._CalcMolWt(m), "logp": lp, "hbd": rdmd.CalcNumHBD(m), "tpsa": rdmd.CalcTPSA(m),
                   "rotb": rb} for m, lp, rb in zip(batch, logps, rotbs)]
-        props = mm._qed_properties_many(batch, known, texts, facts)
+        props = mf._qed_properties_many(batch, known, texts, facts)
         for mol, logp, rotb, prop in zip(mols[start:start + 64], logps, rotbs, props):
             reference = Chem.Mol(mol)
             assert logp == Crippen.MolLogP(reference), Chem.MolToSmiles(mol)
             assert rotb == rdmd.CalcNumRotatableBonds(reference, STRICT), Chem.MolToSmiles(mol)
             assert tuple(prop) == tuple(QED.properties(reference)), Chem.MolToSmiles(mol)
-            assert mm._qed_value(prop) == QED.qed(reference), Chem.MolToSmiles(mol)
+            assert mf._qed_value(prop) == QED.qed(reference), Chem.MolToSmiles(mol)
 
 
 def test_rich_screen_drops_only_patterns_that_cannot_match():
-    rich = mm._rich_screen()
+    rich = ms._rich_screen()
     assert len(rich.screens) == 5  # alerts, acceptors, Crippen types, rotor recursions, HBA alternatives
     with rdBase.BlockLogs():
         mols = [m for m in (Chem.MolFromSmiles(s) for s in _corpus()) if m is not None]
     screened = 0
     for mol in mols:
         for rings in (True, False):
-            facts = mm._Facts(mol, Chem.MolToSmiles(mol), rings=rings)
+            facts = ms._Facts(mol, Chem.MolToSmiles(mol), rings=rings)
             if facts.codes is None:
                 continue
             kept = rich.kept(facts)
@@ -172,13 +174,13 @@ def test_facts_read_what_rdkit_reads():
         mols = [m for m in (Chem.MolFromSmiles(s) for s in _corpus()) if m is not None]
     no_facts = 0
     for mol in mols:
-        facts = mm._Facts(mol, Chem.MolToSmiles(mol))
+        facts = ms._Facts(mol, Chem.MolToSmiles(mol))
         if facts.codes is None:
             no_facts += 1
             continue
         ring_info = mol.GetRingInfo()
         for atom, code in zip(mol.GetAtoms(), facts.codes):
-            z, aromatic, charge, isotope, degree, hs, rings = mm._atom_key(code)
+            z, aromatic, charge, isotope, degree, hs, rings = ms._atom_key(code)
             assert (z, aromatic, charge, isotope) == (atom.GetAtomicNum(), atom.GetIsAromatic(),
                                                       atom.GetFormalCharge(), atom.GetIsotope())
             assert degree == atom.GetDegree() and hs == atom.GetTotalNumHs()
@@ -225,9 +227,9 @@ def test_aromatic_ring_count_without_the_copy():
     for mol in mols:
         mol = Chem.RemoveHs(mol) if mol.GetNumAtoms() != mol.GetNumHeavyAtoms() else mol
         text = Chem.MolToSmiles(mol)
-        facts = mm._Facts(mol, text)
+        facts = ms._Facts(mol, text)
         expected = len(Chem.GetSSSR(Chem.DeleteSubstructs(Chem.Mol(mol), QED.AliphaticRings)))
-        assert mm._qed_aromatic_rings(mol, text, facts) == expected, text
+        assert mf._qed_aromatic_rings(mol, text, facts) == expected, text
         deleted += bool(mol.GetSubstructMatches(QED.AliphaticRings))
     assert deleted > 200  # the union-find route is exercised, not only the no-deletion formula
 
@@ -243,14 +245,14 @@ def test_inchi_aux_none_changes_nothing():
 
 
 def test_rotor_variants_count_like_the_full_pattern():
-    full = Chem.MolFromSmarts(mm._STRICT_ROTOR)
+    full = Chem.MolFromSmarts(ms._STRICT_ROTOR)
     variants = set()
     with rdBase.BlockLogs():
         mols = [m for m in (Chem.MolFromSmiles(s) for s in _corpus()) if m is not None]
     for mol in mols:
         text = Chem.MolToSmiles(mol)
-        for facts in (None, mm._Facts(mol, text)):
-            query = mm._rotor_query(mm._signature(mol, text), facts)
+        for facts in (None, ms._Facts(mol, text)):
+            query = mf._rotor_query(ms._signature(mol, text), facts)
             variants.add(Chem.MolToSmarts(query))
             assert len(mol.GetSubstructMatches(query)) == len(mol.GetSubstructMatches(full)), text
     assert len(variants) > 5
@@ -263,9 +265,9 @@ def test_hba_variants_count_like_the_full_pattern():
     for mol in mols:
         text = Chem.MolToSmiles(mol)
         expected = rdmd.CalcNumHBA(mol)
-        for facts in (None, mm._Facts(mol, text)):
-            assert mm._lipinski_hba(mol, mm._signature(mol, text), facts) == expected, text
-            query = mm._hba_query(mm._fast_counts()["hba"], mm._signature(mol, text), facts)
+        for facts in (None, ms._Facts(mol, text)):
+            assert mf._lipinski_hba(mol, ms._signature(mol, text), facts) == expected, text
+            query = mf._hba_query(ms._fast_counts()["hba"], ms._signature(mol, text), facts)
             variants.add(Chem.MolToSmarts(query) if query is not None else None)
     assert len(variants) > 5 and None in variants  # some molecules need no search at all
 
@@ -297,8 +299,8 @@ def test_prebuilt_match_parameters_match_like_the_plain_calls():
     for mol in mols:
         n = mol.GetNumAtoms()
         for query in queries:
-            assert mol.GetSubstructMatches(query, mm._NON_UNIQUE) == mol.GetSubstructMatches(query, False, False, False, 1000)
-            assert mol.GetSubstructMatches(query, mm._UNIQUE) == mol.GetSubstructMatches(query)
-            assert mol.HasSubstructMatch(query, mm._ANY) == mol.HasSubstructMatch(query)
-        for query, _bit in mm._H_COUNTS:
-            assert mol.GetSubstructMatches(query, mm._EVERY_ATOM) == mol.GetSubstructMatches(query, False, False, False, n)
+            assert mol.GetSubstructMatches(query, ms._NON_UNIQUE) == mol.GetSubstructMatches(query, False, False, False, 1000)
+            assert mol.GetSubstructMatches(query, ms._UNIQUE) == mol.GetSubstructMatches(query)
+            assert mol.HasSubstructMatch(query, ms._ANY) == mol.HasSubstructMatch(query)
+        for query, _bit in ms._H_COUNTS:
+            assert mol.GetSubstructMatches(query, ms._EVERY_ATOM) == mol.GetSubstructMatches(query, False, False, False, n)
