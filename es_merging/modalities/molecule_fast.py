@@ -48,6 +48,7 @@ from es_merging.modalities.molecule_screens import (
 # ---------------------------------------------------------------------------------------------
 _ROTOR_VARIANTS: dict[tuple[str, frozenset], Chem.Mol] = {}
 _ROTOR_BY_SIGNATURE: dict = {}
+_ROTOR_BY_KEPT: dict[tuple[str, tuple[int, ...]], Chem.Mol] = {}  # at most 2^10 kept sets of the 10 recursions
 
 
 def _rotor_query(signature, facts: _Facts | None = None) -> Chem.Mol | None:
@@ -76,6 +77,13 @@ def _rotor_query(signature, facts: _Facts | None = None) -> Chem.Mol | None:
 def _rotor_variant(query: Chem.Mol, kept: tuple[int, ...]) -> Chem.Mol:
     """The rotor pattern keeping only the recursions ``kept`` (indices into _rotor_parts()[2])."""
     smarts, atoms, recursions, _screen = _rotor_parts()
+    variant = _ROTOR_BY_KEPT.get((smarts, kept))  # each kept set's variant, looked up once (~3 us)
+    if variant is None:
+        variant = _ROTOR_BY_KEPT[(smarts, kept)] = _rotor_variant_of(query, smarts, atoms, recursions, kept)
+    return variant
+
+
+def _rotor_variant_of(query: Chem.Mol, smarts: str, atoms: list, recursions: list[str], kept: tuple[int, ...]) -> Chem.Mol:
     dropped = frozenset(x for i, x in enumerate(recursions) if i not in kept)
     if not dropped:
         return query
