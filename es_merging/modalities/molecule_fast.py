@@ -40,11 +40,26 @@ from es_merging.modalities.molecule_screens import (
 #                                              aromatic rings as a cycle rank, no copy (~46 -> ~8 us)
 #   QED formula         ~6 ->   ~4 us          QED.qed's own operations without its call overhead
 #   InChIKey          ~220 ->  ~205 us         '/AuxNone': InChI skips the AuxInfo layer
-#   _Facts + screen            ~67 us          what the screens read (codes, bonded pairs), per molecule
+#   _Facts + screen            ~67 us          what the screens read (codes, bonded pairs), per molecule;
+#                                              ring counts from RingInfo, not two [R] searches (~-5 us)
 # The canonical SMILES (~46 us) is RDKit's and unchanged. A batch is described stage by stage
 # (_describe_mols), another ~25% off. Where a shortcut cannot be sure (explicit H atoms, dative or
 # unusual bonds, stereo marks, a non-default RDKit setting...) RDKit's own route is taken. (The parse
 # and the InChIKey are in molecule.py, the screens and _Facts in molecule_screens.py.)
+#
+# Where the time goes now (us per molecule, stage by stage, same setting): InChIKey ~178 (RDKit's
+# MolToInchi: ~77% InChI's own GetINCHI, the rest its copy, Kekulize and perchlorate clean-up, none
+# avoidable through rdinchi), _Facts ~60-74, parse ~70, Crippen ~60 (~13 searches of ~3 us, ~11 of
+# them type an atom), QED properties ~44 (~9 alert searches, ~0.3 of which match), canonical SMILES
+# ~41, rotor ~13, rich screen ~13, HBA ~11. A search costs ~1.2-2.3 us even when nothing matches
+# (SubstructMatchParameters made once save ~0.2-1 us of it); freeing a chunk's molecules leaves glibc
+# a malloc_consolidate to do. Measured and dropped (same-process A/B): _Facts in numpy (slower on ~25
+# atoms), InChI '/SNon' (-9 us, but InChI's undefined-stereo warnings go), one recursive query over
+# the kept alerts before searching them one by one (2x slower), marking plain molecules as
+# stereo-assigned instead of AssignStereochemistry (parse unchanged, the SMILES writer then slower),
+# a Counter / set of match roots in the Crippen loop and a C-level decode of the rich screen's guard
+# bits (both slower), skipping the sanitizer's clean-up steps that are no-ops here (~-4 us: not worth
+# the doubt).
 # ---------------------------------------------------------------------------------------------
 _ROTOR_VARIANTS: dict[tuple[str, frozenset], Chem.Mol] = {}
 _ROTOR_BY_SIGNATURE: dict = {}
