@@ -40,11 +40,10 @@ def _signals(opts: MergeOptions, experts, method, mode: str, progress: Progress)
                            batch_size=opts.batch_size, progress=progress, device=opts.device)
 
 
-def run_merge(opts: MergeOptions, *, progress: Progress | None = None, cancel=None,
-              bundle_base: bool | None = None) -> MergeResult:
+def run_merge(opts: MergeOptions, *, progress: Progress | None = None, cancel=None) -> MergeResult:
     """Merge ``opts.experts`` onto ``opts.base`` into the merged-model directory ``opts.out``.
 
-    ``bundle_base``: copy the base into ``out/base`` for LoRA outputs (None: when under 2 GB)."""
+    ``opts.bundle_base``: copy the base into ``out/base`` for LoRA outputs (None: when under 2 GB)."""
     progress = progress or (lambda stage, done, total: None)
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -82,7 +81,7 @@ def run_merge(opts: MergeOptions, *, progress: Progress | None = None, cancel=No
         manifest = write_artifact(tmp, plan=plan, result=result, experts=experts, base_dir=Path(opts.base),
                                   base_digest=digest, method=method, seed=opts.seed, signals=signals,
                                   probe_path=Path(opts.probe) if opts.probe else None, timings=timings,
-                                  bundle_base=bundle_base, options=options, final_name=Path(opts.out).name)
+                                  bundle_base=opts.bundle_base, options=options, final_name=Path(opts.out).name)
         timings = manifest["timings"]
     progress("write", 1, 1)
     return MergeResult(out_dir=Path(opts.out).expanduser().absolute(), manifest=manifest, timings=timings)

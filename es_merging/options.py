@@ -25,3 +25,6 @@ class MergeOptions(BaseModel):
     shard_size_mb: int = Field(512, ge=1, le=65536)
     batch_size: int = Field(8, ge=1, le=1024, description="probe batch size for signal collection")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    bundle_base: bool | None = Field(
+        None, description="LoRA outputs: copy the base into out/base (self-contained); None: when it is under 2 GB, "
+                          "False: reference the base by path")

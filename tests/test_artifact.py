@@ -143,9 +143,11 @@ def test_plain_hf_checkpoints_without_expert_json(zoo, tmp_path):
 
 
 def test_no_bundle_references_base_by_path(zoo, tmp_path):
-    opts = MergeOptions(base=zoo["base"], experts=[zoo["mol"], zoo["prot"]], method="average", out=tmp_path / "nb")
-    m = merge_api.run_merge(opts, bundle_base=False).manifest
+    opts = MergeOptions(base=zoo["base"], experts=[zoo["mol"], zoo["prot"]], method="average", out=tmp_path / "nb",
+                        bundle_base=False)
+    m = merge_api.run_merge(opts).manifest
     assert m["base"]["bundled"] is False and not (tmp_path / "nb" / "base").exists()
+    assert m["options"]["bundle_base"] is False  # recorded with the other options
     assert Path(m["base"]["path"]) == zoo["base"].resolve()
 
 

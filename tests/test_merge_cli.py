@@ -47,6 +47,10 @@ def test_cli_delta_rank_and_overwrite(zoo, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "already exists" in err and "--overwrite" in err
     assert main(args + ["--overwrite"]) == 0
+    assert (out / "base").is_dir()  # a small base is bundled by default
+    assert main(args + ["--overwrite", "--no-bundle-base"]) == 0
+    manifest = json.loads((out / "es_merging.json").read_text())
+    assert not (out / "base").exists() and manifest["options"]["bundle_base"] is False
 
 
 def test_cli_dense_experts_default_to_delta(zoo, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Jobs across restarts and shutdowns, the zoo bootstrap, and real merge jobs (when the engine exists)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -171,11 +172,15 @@ async def test_zoo_merge_describe_predict_screen(zoo_server, zoo_dir):
         zd = r.structured_content  # MaxMin over a larger pool of the world: another probe
         assert zd["n"] == 8 and zd["n_candidates"] == 64 and zd["hash"] != zp["hash"]
         r = await c.call_tool("start_merge", {"experts": ["zoo-molecule", "zoo-protein", "zoo-cell"], "method": "es",
-                                              "probe": "zp", "name": "es-zoo"})
+                                              "probe": "zp", "name": "es-zoo", "bundle_base": False})
         assert not r.is_error, r.content[0].text
         view = await _wait_final(c, r.structured_content["job_id"])
         assert view["state"] == "succeeded", view
         assert view["result"]["model_id"] == "es-zoo"
+        # the base referenced by path, not copied (the predictions below load it from the zoo)
+        model_dir = Path(zoo_server.state.settings.models_dir) / "es-zoo"
+        assert not (model_dir / "base").exists()
+        assert json.loads((model_dir / "es_merging.json").read_text())["options"]["bundle_base"] is False
         assert {x["uri"] for x in view["resources"]} >= {"esm://models/es-zoo/heatmap.png"}
 
         d = (await c.call_tool("describe_model", {"model_id": "es-zoo"})).structured_content

@@ -132,6 +132,7 @@ class StartMergeInput(BaseModel):
     shard_size_mb: int = Field(512, ge=1, le=65536)
     batch_size: int = Field(8, ge=1, le=1024)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    bundle_base: bool | None = Field(None, description="LoRA outputs: copy the base into the model (None: under 2 GB)")
 
 
 def _resolve_base(state: "AppState", ref: str | None, expert_rows: list[dict[str, Any]]) -> Path:
@@ -189,7 +190,7 @@ def start_merge(state: "AppState", inp: StartMergeInput) -> JobHandle:
     options = MergeOptions(
         base=base, experts=[Path(r["path"]) for r in rows], method=inp.method, mode=inp.mode, params=inp.params,
         probe=probe_path, out=final, overwrite=inp.overwrite, seed=inp.seed, rank=inp.rank,
-        shard_size_mb=inp.shard_size_mb, batch_size=inp.batch_size, device=inp.device,
+        shard_size_mb=inp.shard_size_mb, batch_size=inp.batch_size, device=inp.device, bundle_base=inp.bundle_base,
     )
     import_backend("start_merge", "es_merging.merge_api")  # after the argument checks: they teach more
     final.parent.mkdir(parents=True, exist_ok=True)

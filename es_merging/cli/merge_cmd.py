@@ -55,12 +55,13 @@ def run(args: argparse.Namespace) -> int:
         opts = MergeOptions(base=args.base, experts=args.experts, method=args.method, mode=args.mode,
                             params=parse_set_options(args.sets), probe=args.probe, out=args.out,
                             overwrite=args.overwrite, seed=args.seed, rank=args.rank,
-                            shard_size_mb=args.shard_size_mb, batch_size=args.batch_size, device=args.device)
+                            shard_size_mb=args.shard_size_mb, batch_size=args.batch_size, device=args.device,
+                            bundle_base=args.bundle_base)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())
         raise MergeError(f"invalid merge options: {problems}") from None
     from es_merging.cli.progress import ProgressPrinter
 
-    result = run_merge(opts, progress=None if args.quiet else ProgressPrinter(), bundle_base=args.bundle_base)
+    result = run_merge(opts, progress=None if args.quiet else ProgressPrinter())
     print(json.dumps(result.summary(), indent=2))
     return 0
