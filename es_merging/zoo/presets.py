@@ -15,7 +15,7 @@ class Preset:
     vocab: int
     per_class: int  # entities per descriptor class
     base_steps: int
-    expert_steps: int  # per expert (experts train interleaved)
+    expert_steps: int  # per expert (each expert is its own job)
     encoder_steps: int  # encoder pre-training (descriptor classifier), per encoder
     corpus_per_class: int  # protein encoder pre-training corpus (fresh generated entities), per class
     batch: int
@@ -35,7 +35,7 @@ class Preset:
 
 PRESETS = {
     "tiny": Preset("tiny", hidden=128, layers=4, heads=4, intermediate=384, vocab=1024, per_class=300,
-                   base_steps=1200, expert_steps=400, encoder_steps=500, corpus_per_class=1000, batch=32, lr_base=3e-3, lr_expert=3e-3, lora_rank=8,
+                   base_steps=1200, expert_steps=400, encoder_steps=1000, corpus_per_class=1000, batch=32, lr_base=3e-3, lr_expert=3e-3, lora_rank=8,
                    lora_alpha=16, esm_hidden=64, esm_layers=2, fp_bits=1024, eval_n=300, gates=True),
     "test": Preset("test", hidden=64, layers=2, heads=4, intermediate=128, vocab=1024, per_class=40,
                    base_steps=120, expert_steps=60, encoder_steps=120, corpus_per_class=200, batch=16, lr_base=4e-3, lr_expert=3e-3, lora_rank=4,

@@ -5,7 +5,7 @@ Expert batches mix three kinds of example (DESIGN section 7 records why):
   own   - own modality raw, others as text: CE on the whole reply (perception + reasoning replay);
   raw   - every modality raw: CE on the own slot, KL to the base on every other reply position, so the
           expert's delta stays near zero outside its modality (others' soft tokens come from the
-          other experts' encoders, which train in the same interleaved loop);
+          other experts' encoders, pre-trained and frozen before any expert trains);
   text  - every modality as text: CE on the whole reply (the base's reasoning, replayed).
 """
 from __future__ import annotations
@@ -215,9 +215,11 @@ def _projector_prefix(encoder) -> str:
 def train_experts(model, world: World, experts: list[str], *, steps: int, batch: int, lr: float, seed: int,
                   mix: tuple[float, float, float] = (0.45, 0.45, 0.1), kl_weight: float = 1.0,
                   progress: Progress | None = None) -> dict:
-    """Interleaved training of one LoRA adapter (named after its modality) and one encoder per expert.
+    """Training of one LoRA adapter per expert (named after its modality), and of its encoder where
+    that is not frozen.
 
-    ``model`` carries every adapter and every encoder; each step visits each expert once."""
+    ``model`` carries every adapter and every encoder; each step visits each expert once. The zoo
+    build and ``adapt`` pass one expert at a time (see es_merging/zoo/expert_jobs.py)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     eos = model.tokenizer.eos_token
