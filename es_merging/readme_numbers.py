@@ -20,15 +20,20 @@ def _load(name: str) -> dict:
 
 def _zoo(z: dict) -> str:
     q, t = z["quality"], z["timings_s"]
-    rows = ["| model | molecule slot | protein slot | cell slot | answer (raw inputs) | answer (true descriptors) |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| model | molecule slot | protein slot | cell slot | answer (raw inputs) | answer follows own slots (raw) "
+            "| answer (true descriptors) |",
+            "|---|---|---|---|---|---|---|"]
+
+    def follows(r: dict) -> str:  # zoos built before the measure have no figure
+        return f"{r['answer_follows_slots']:.3f}" if "answer_follows_slots" in r else "n/a"
+
     for name in ("base", "molecule", "protein", "cell"):
         raw, text = q[name]["raw"], q[name]["text"]
         s = raw["slot_accuracy"]
         rows.append(f"| {name} | {s['molecule']:.3f} | {s['protein']:.3f} | {s['cell']:.3f} | "
-                    f"{raw['answer_accuracy']:.3f} | {text['answer_accuracy']:.3f} |")
+                    f"{raw['answer_accuracy']:.3f} | {follows(raw)} | {text['answer_accuracy']:.3f} |")
     c = q["chance"]["slot_accuracy"]
-    rows.append(f"| chance | {c['molecule']:.3f} | {c['protein']:.3f} | {c['cell']:.3f} | 0.500 | 0.500 |")
+    rows.append(f"| chance | {c['molecule']:.3f} | {c['protein']:.3f} | {c['cell']:.3f} | 0.500 | 0.500 | 0.500 |")
     gates = ", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in z["gates"].items() if k != "all_pass")
     return (f"`es-merging zoo build --preset tiny --seed {z['seed']}` (held-out entities, n = {q['base']['raw']['n']}):\n\n"
             + "\n".join(rows)

@@ -460,3 +460,58 @@ def test_a_failing_expert_worker_is_reported_by_name(zoo_dir, tmp_path):
     import multiprocessing
 
     assert not multiprocessing.active_children(), "a worker outlived the failed build"
+
+
+# ----------------------------------------------------------------------------- training rows and measures
+def test_prompt_can_show_other_descriptors_than_the_reply(zoo_model, world):
+    """The base's gene-list rows show random descriptors in the prompt and the true ones in the reply,
+    so that the answer learns to follow the reply's slots (see train_base)."""
+    from es_merging.zoo.train import render_example
+
+    ws = world.samples(1, "train", seed=3)[0]
+    true = ws.entity("molecule").descriptor
+    decoy = next(d for d in DESCRIPTORS["molecule"] if d != true)
+    spans = {m: "text" for m in MODALITIES}
+    eos = zoo_model.tokenizer.eos_token
+    plain = render_example(zoo_model.renderer, ws, spans, eos)
+    shown = render_example(zoo_model.renderer, ws, spans, eos, shown={"molecule": decoy})
+    tok = zoo_model.tokenizer
+
+    def prompt(r):
+        return tok.decode(r.input_ids[:r.prompt_length])
+
+    def reply(r):
+        return tok.decode(r.input_ids[r.prompt_length:])
+
+    assert decoy in prompt(shown) and true not in prompt(shown) and true in prompt(plain)
+    assert reply(shown) == reply(plain) and f"molecule: {true}" in reply(shown).replace("  ", " ")
+
+
+def test_answer_follows_slots_is_measured_against_the_rule(monkeypatch, world):
+    """evaluate_model's answer_follows_slots: the share of answers that the rule gives for the slots
+    the model itself wrote (right or wrong), next to the accuracies."""
+    import es_merging.predict as predict_mod
+    from es_merging.predict import Prediction
+    from es_merging.zoo.evaluate import evaluate_model
+
+    samples = world.samples(4, "heldout", seed=1)
+    wrong_cell = {ws.cell.descriptor: next(d for d in DESCRIPTORS["cell"] if d != ws.cell.descriptor) for ws in samples}
+
+    def fake_predict(model, items, task, **kw):
+        out = []
+        for i, ws in enumerate(samples):
+            slots = {m: ws.entity(m).descriptor for m in MODALITIES}
+            if i >= 2:  # a wrong cell slot...
+                slots["cell"] = wrong_cell[ws.cell.descriptor]
+            choice = interactive_rule(*(slots[m] for m in MODALITIES))  # ...and an answer that follows it
+            if i == 3:
+                choice = next(a for a in ANSWERS if a != choice)  # this one does not follow its slots
+            out.append(Prediction(index=i, task="embedded", slots=slots, choice=choice,
+                                  probabilities={a: 0.5 for a in ANSWERS}))
+        return out
+
+    monkeypatch.setattr(predict_mod, "predict", fake_predict)
+    r = evaluate_model(None, samples, spans={m: "raw" for m in MODALITIES})
+    assert r["slot_accuracy"]["cell"] == 0.5 and r["slot_accuracy"]["molecule"] == 1.0
+    assert r["answer_follows_slots"] == 0.75
+    assert r["n"] == 4

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from es_merging.zoo.train import to_probe_sample
-from es_merging.zoo.world import DESCRIPTORS, MODALITIES, World
+from es_merging.zoo.world import DESCRIPTORS, MODALITIES, World, interactive_rule
 
 
 def evaluate_model(model, samples, *, spans: dict[str, str]) -> dict:
@@ -26,7 +26,10 @@ def evaluate_model(model, samples, *, spans: dict[str, str]) -> dict:
     slot_acc = {m: sum(p.slots[m] == ws.entity(m).descriptor for p, ws in zip(preds, samples)) / n
                 for m in MODALITIES}
     answer_acc = sum(p.choice == ws.answer for p, ws in zip(preds, samples)) / n
-    return {"slot_accuracy": {m: round(v, 4) for m, v in slot_acc.items()}, "answer_accuracy": round(answer_acc, 4), "n": n}
+    # does the answer follow the descriptors the model itself wrote? (the reasoning a merge relies on)
+    follows = sum(p.choice == interactive_rule(*(p.slots[m] for m in MODALITIES)) for p in preds) / n
+    return {"slot_accuracy": {m: round(v, 4) for m, v in slot_acc.items()}, "answer_accuracy": round(answer_acc, 4),
+            "answer_follows_slots": round(follows, 4), "n": n}
 
 
 def evaluate_zoo(zoo_dir: Path, world: World, *, n: int, seed: int,
