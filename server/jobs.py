@@ -123,6 +123,15 @@ class _Progress:
         self._q.put(("progress", stage, float(done), float(total), now))
 
 
+def _stdout_to_stderr() -> None:
+    """The worker inherits the server's stdout, which over stdio IS the MCP protocol stream: point
+    file descriptor 1 at stderr, so that nothing the job, a library or a C extension it calls, or a
+    process it starts (the zoo build's expert trainers) prints can corrupt the protocol."""
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+
 def _watch_parent(parent_pid: int) -> None:  # pragma: no cover - exercised only when the server dies
     while True:
         time.sleep(1.0)
@@ -133,6 +142,7 @@ def _watch_parent(parent_pid: int) -> None:  # pragma: no cover - exercised only
 def _worker_main(target: str, params: dict[str, Any], workdir: str, conn: Any, cancel_event: Any,
                  threads: int, nice: int, log_level: int) -> None:
     """Entry point of the spawned worker process."""
+    _stdout_to_stderr()
     q = _Channel(conn)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -463,6 +473,9 @@ def selftest_work(params: dict[str, Any], *, progress, cancel, workdir: Path) ->
     delay = float(params.get("delay", 0.05))
     out = workdir / "out"
     out.mkdir()
+    if params.get("print"):  # diagnostics: where does a job's printed output go? (stderr, never stdout)
+        print(params["print"], flush=True)
+        os.write(1, f"{params['print']} (fd 1)\n".encode())
     for i in range(steps):
         cancel.raise_if_set()
         (out / f"part-{i:03d}.txt").write_text(f"step {i}\n")

@@ -50,6 +50,21 @@ async def test_restart_keeps_finished_and_interrupts_running(make_server, tmp_pa
         assert final.is_dir()
 
 
+async def test_a_jobs_printed_output_goes_to_stderr_not_stdout(make_server, tmp_path, capfd):
+    """Over stdio the server's stdout is the protocol stream, and job workers inherit it: whatever a
+    job prints (Python print or a C-level write to fd 1) must land on stderr."""
+    server = make_server()
+    async with client(server) as c:
+        job = server.state.runner.submit("selftest", {"steps": 1, "delay": 0, "print": "job-says-hello",
+                                                      "final": str(tmp_path / "home" / "printed")},
+                                         staging_parent=tmp_path / "home")
+        r = await c.call_tool("get_job", {"job_id": job["id"], "wait_s": 30})
+        assert r.structured_content["jobs"][0]["state"] == "succeeded"
+    captured = capfd.readouterr()
+    assert "job-says-hello" not in captured.out
+    assert "job-says-hello\n" in captured.err and "job-says-hello (fd 1)" in captured.err
+
+
 async def test_shutdown_interrupts_running_job_and_cleans_up(make_server, tmp_path):
     home = tmp_path / "home"
     server = make_server()

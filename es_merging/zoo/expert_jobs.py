@@ -205,6 +205,9 @@ def _watch_parent(parent_pid: int) -> None:  # pragma: no cover - only when the 
 
 def _worker_main(job: ExpertJob, messages, parent_pid: int, log_level: int) -> None:
     """Entry point of a spawned expert trainer: logs to stderr, results through ``messages``."""
+    sys.stdout.flush()  # stdout may be an MCP stdio stream (the server builds the zoo in a job): stderr only
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=log_level, stream=sys.stderr, format=f"%(levelname)s expert {job.name}: %(message)s")
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
