@@ -370,21 +370,12 @@ def adapt_zoo(zoo: str | Path, data_dir: str | Path, out: str | Path, *, steps: 
               protein_window: int = PROTEIN_WINDOW, cell_genes: int = CELL_GENES, eval_world_n: int = 64,
               copy_base: bool = False, threads: int | str | None = "auto", progress: Progress | None = None) -> dict:
     """Adapt the zoo at ``zoo`` into ``out`` (atomically); returns the adaptation record."""
-    import torch
+    from es_merging.zoo.build import torch_threads
 
-    from es_merging.zoo.build import idle_cores
-
-    previous = torch.get_num_threads()
-    if threads == "auto":
-        threads = idle_cores()
-    if threads:
-        torch.set_num_threads(int(threads))
-    try:
+    with torch_threads(threads):
         return _adapt(Path(zoo), Path(data_dir), Path(out), steps=steps, seed=seed, overwrite=overwrite,
                       real_fraction=real_fraction, heldout_fraction=heldout_fraction, protein_window=protein_window,
                       cell_genes=cell_genes, eval_world_n=eval_world_n, copy_base=copy_base, progress=progress)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _adapt(zoo: Path, data_dir: Path, out: Path, *, steps, seed, overwrite, real_fraction, heldout_fraction,

@@ -474,7 +474,8 @@ def selftest_work(params: dict[str, Any], *, progress, cancel, workdir: Path) ->
     out = workdir / "out"
     out.mkdir()
     if params.get("print"):  # diagnostics: where does a job's printed output go? (stderr, never stdout)
-        print(params["print"], flush=True)
+        sys.stdout.write(params["print"] + "\n")
+        sys.stdout.flush()
         os.write(1, f"{params['print']} (fd 1)\n".encode())
     for i in range(steps):
         cancel.raise_if_set()

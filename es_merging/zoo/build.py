@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -118,22 +119,29 @@ def _encoder_corpus(world: World, modality: str, preset: Preset, seed: int):
     return world.train[modality]
 
 
-def build_zoo(out: str | Path, *, preset: str = "tiny", seed: int = 0, overwrite: bool = False,
-              progress: Callable[[str, int, int], None] | None = None, threads: int | str | None = "auto") -> dict:
-    """Build the zoo into ``out`` (atomically). ``threads``: torch intra-op threads during the build
-    (restored after); ``None`` keeps torch's setting; ``"auto"`` takes the cores that other work
-    leaves idle right now (:func:`idle_cores`, at least one). Measured on 2 cores: idle, two threads
-    trained the base at 0.13 s/step against 0.24 with one; under a load of ~10, one thread built the
-    test preset in 41 s against 426 s with two (spinning threads fight over busy cores)."""
+@contextmanager
+def torch_threads(threads: int | str | None):
+    """torch intra-op threads inside the block, restored after: a number; ``None`` keeps torch's
+    setting; ``"auto"`` takes the cores that other work leaves idle right now (:func:`idle_cores`,
+    at least one: under a load of ~10 on 2 cores, one thread built the test preset in 41 s against
+    426 s with two, spinning threads fighting over busy cores)."""
     previous = torch.get_num_threads()
     if threads == "auto":
         threads = idle_cores()
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        return _build_zoo(out, preset=preset, seed=seed, overwrite=overwrite, progress=progress)
+        yield torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)
+
+
+def build_zoo(out: str | Path, *, preset: str = "tiny", seed: int = 0, overwrite: bool = False,
+              progress: Callable[[str, int, int], None] | None = None, threads: int | str | None = "auto") -> dict:
+    """Build the zoo into ``out`` (atomically). ``threads``: see :func:`torch_threads`; with two or
+    more, the experts train in one single-thread process each (es_merging/zoo/expert_jobs.py)."""
+    with torch_threads(threads):
+        return _build_zoo(out, preset=preset, seed=seed, overwrite=overwrite, progress=progress)
 
 
 def _build_zoo(out: str | Path, *, preset: str, seed: int, overwrite: bool,
