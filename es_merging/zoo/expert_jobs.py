@@ -12,6 +12,7 @@ Workers are started with ``spawn`` (no inherited torch or lock state) and exit o
 the building process dies (a server job that is cancelled is killed outright)."""
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-EXPERT_FORMAT_NOTE = "embedded-world {name} expert: raw {name} input -> {descriptors}"
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,6 @@ def run_expert_job(job: ExpertJob, progress: Progress | None = None) -> dict:
 
 
 def _save_adapter(peft_model, job: ExpertJob, out: Path) -> None:
-    import json
-
     from es_merging.experts import EXPERT_FORMAT
     from es_merging.zoo.world import DESCRIPTORS
 
@@ -102,15 +100,19 @@ def _save_adapter(peft_model, job: ExpertJob, out: Path) -> None:
             shutil.move(str(f), out / f.name)
     shutil.rmtree(scratch)
     # peft records where the base was loaded from: here the build's temporary directory, which is
-    # renamed at the end; the expert's base is named by expert.json's base_hash instead
+    # renamed at the end; the expert's base is named by expert.json's base_hash instead. peft also
+    # writes target_modules from a set, in an order that changes from process to process: sorted,
+    # the file is the same bytes in every build
     config_path = out / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = None
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
     manifest = {
         "format": EXPERT_FORMAT, "name": job.name, "modality": job.name, "kind": "lora", "base_hash": job.base_hash,
         "encoder": "encoder" if (out / "encoder").is_dir() else None,
-        "description": EXPERT_FORMAT_NOTE.format(name=job.name, descriptors="/".join(DESCRIPTORS[job.name])),
+        "description": f"embedded-world {job.name} expert: raw {job.name} input -> {'/'.join(DESCRIPTORS[job.name])}",
         "preset": job.preset,
     }
     (out / "expert.json").write_text(json.dumps(manifest, indent=2))
