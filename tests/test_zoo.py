@@ -513,3 +513,37 @@ def test_answer_follows_slots_is_measured_against_the_rule(monkeypatch, world):
     assert r["slot_accuracy"]["cell"] == 0.5 and r["slot_accuracy"]["molecule"] == 1.0
     assert r["answer_follows_slots"] == 0.75
     assert r["n"] == 4
+
+
+def test_expert_workers_exit_when_the_builder_is_killed(tmp_path):
+    """A cancelled server job kills its worker outright (no clean-up runs): the expert trainers it
+    started must notice and exit on their own, not train on as orphans."""
+    import signal
+    import time
+
+    import psutil
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE")
+    builder = subprocess.Popen([sys.executable, "-m", "es_merging", "zoo", "build", "--preset", "test",
+                                "--threads", "2", "--out", str(tmp_path / "zoo")],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        workers: list = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(workers) < 3 and builder.poll() is None:
+            time.sleep(0.2)
+            workers = [p for p in psutil.Process(builder.pid).children()
+                       if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 3, "the build did not start three expert workers"
+        time.sleep(1.0)  # let them get going
+        builder.send_signal(signal.SIGKILL)
+        builder.wait(timeout=10)
+        gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, f"expert workers still running after the builder died: {[p.pid for p in alive]}"
+    finally:
+        for proc in [builder, *[w for w in workers if w.is_running()]]:
+            try:
+                proc.kill()
+            except (psutil.Error, OSError):
+                pass
+    assert not (tmp_path / "zoo").exists()  # nothing published (the staging directory may remain)
