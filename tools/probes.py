@@ -81,9 +81,8 @@ def build_probe(state: "AppState", inp: BuildProbeInput) -> BuildProbeOutput:
         if not (zoo_dir / "zoo.json").exists():
             raise ProbeError(f"the embedded zoo is not built yet ({zoo_dir}); wait for the bootstrap job "
                              "(see list_experts) or give samples/table_path")
-        n = inp.n or 64
-        probe = zoo.probe_from_zoo(zoo_dir, n=n, seed=inp.seed, strategy=inp.strategy)
-        n_candidates = n if inp.strategy == "random" else min(n * zoo.DIVERSE_POOL, probe_mod.MAX_PROBE_SAMPLES)
+        probe = zoo.probe_from_zoo(zoo_dir, n=inp.n or 64, seed=inp.seed, strategy=inp.strategy)
+        n_candidates = probe.meta["candidates"]
     else:
         if inp.table_path is not None:
             path = state.input_path(inp.table_path, "table_path", kind="file")

@@ -48,4 +48,6 @@ def probe_from_zoo(zoo_dir: str | Path, n: int = 64, seed: int = 0, split: str =
     for i, ws in enumerate(world.samples(pool, split, seed=seed + 1000)):
         s = to_probe_sample(ws, i)
         samples.append(s.model_copy(update={"descriptors": {}, "answer": None}))
-    return build_probe(samples, n=n, source=f"zoo:{Path(zoo_dir).name}", seed=seed, strategy=strategy)
+    probe = build_probe(samples, n=n, source=f"zoo:{Path(zoo_dir).name}", seed=seed, strategy=strategy)
+    probe.meta["candidates"] = pool
+    return probe
