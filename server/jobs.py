@@ -16,7 +16,8 @@ Job kinds are registered with :func:`register_job_kind` (the documented hook; te
 small ``selftest`` kind). The target is given as ``"module:function"`` so the spawned child can
 import it; it must be importable without side effects.
 
-This module imports only the standard library at the top: the spawned child imports it first.
+This module imports only the standard library at the top (and es_merging.worker_process, which does
+too): the spawned child imports it first.
 As with any ``spawn`` start method, a script that creates the server itself must keep its start-up
 code under ``if __name__ == "__main__":`` (the child re-imports the parent's main module).
 """
@@ -35,6 +36,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from es_merging.worker_process import exit_when_orphaned, stdout_to_stderr  # stdlib only, like this module
 
 log = logging.getLogger(__name__)
 
@@ -123,32 +126,16 @@ class _Progress:
         self._q.put(("progress", stage, float(done), float(total), now))
 
 
-def _stdout_to_stderr() -> None:
-    """The worker inherits the server's stdout, which over stdio IS the MCP protocol stream: point
-    file descriptor 1 at stderr, so that nothing the job, a library or a C extension it calls, or a
-    process it starts (the zoo build's expert trainers) prints can corrupt the protocol."""
-    sys.stdout.flush()
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-
-
-def _watch_parent(parent_pid: int) -> None:  # pragma: no cover - exercised only when the server dies
-    while True:
-        time.sleep(1.0)
-        if os.getppid() != parent_pid:
-            os._exit(3)
-
-
 def _worker_main(target: str, params: dict[str, Any], workdir: str, conn: Any, cancel_event: Any,
                  threads: int, nice: int, log_level: int) -> None:
     """Entry point of the spawned worker process."""
-    _stdout_to_stderr()
+    stdout_to_stderr()
     q = _Channel(conn)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     logging.basicConfig(level=log_level, stream=sys.stderr, format="%(levelname)s job %(name)s: %(message)s")
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    exit_when_orphaned(os.getppid())
     if nice:
         try:
             os.nice(nice)

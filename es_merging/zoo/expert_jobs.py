@@ -19,7 +19,6 @@ import os
 import queue as queue_module
 import shutil
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from es_merging.errors import EsMergingError
+from es_merging.worker_process import exit_when_orphaned, stdout_to_stderr
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -198,21 +198,12 @@ def _drain_for(messages, name: str, results: dict, counter: _StepCounter) -> Non
             continue
 
 
-def _watch_parent(parent_pid: int) -> None:  # pragma: no cover - only when the builder dies
-    while True:
-        time.sleep(1.0)
-        if os.getppid() != parent_pid:
-            os._exit(3)
-
-
 def _worker_main(job: ExpertJob, messages, parent_pid: int, log_level: int) -> None:
     """Entry point of a spawned expert trainer: logs to stderr, results through ``messages``."""
-    sys.stdout.flush()  # stdout may be an MCP stdio stream (the server builds the zoo in a job): stderr only
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
+    stdout_to_stderr()  # stdout may be an MCP stdio stream (the server builds the zoo in a job)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=log_level, stream=sys.stderr, format=f"%(levelname)s expert {job.name}: %(message)s")
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    exit_when_orphaned(parent_pid)
     try:
         stats = run_expert_job(job, lambda _stage, step, steps: messages.put(("progress", job.name, (step, steps))))
         messages.put(("done", job.name, stats))
