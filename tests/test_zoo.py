@@ -547,3 +547,93 @@ def test_expert_workers_exit_when_the_builder_is_killed(tmp_path):
             except (psutil.Error, OSError):
                 pass
     assert not (tmp_path / "zoo").exists()  # nothing published (the staging directory may remain)
+
+
+# ----------------------------------------------------------------------------- data-parallel base
+def _tiny_base_setup(world):
+    from es_merging.mllm import MultimodalModel
+    from es_merging.zoo.build import _corpus, _new_base
+    from es_merging.zoo.presets import PRESETS
+    from es_merging.zoo.tokenizer import train_tokenizer
+
+    p = PRESETS["test"]
+    tokenizer = train_tokenizer(_corpus(world, n=400), vocab_size=p.vocab)
+    return p, lambda: MultimodalModel(_new_base(p, tokenizer, 0), tokenizer, {})
+
+
+def _weights(model) -> torch.Tensor:
+    return torch.cat([q.detach().flatten() for q in model.backbone.parameters()])
+
+
+def test_data_parallel_base_is_reproducible_and_follows_one_process(world):
+    """Two ranks give the same bytes every time, and the same training as one process up to the
+    order floats are summed in (each rank's gradient of its rows, added in rank order)."""
+    from es_merging.zoo.train import train_base
+
+    p, new_model = _tiny_base_setup(world)
+    runs = {}
+    for label, ranks in (("one", 1), ("two", 2), ("two again", 2)):
+        model = new_model()
+        with torch.no_grad():
+            start = _weights(model).clone()
+        stats = train_base(model, world, steps=4, batch=p.batch, lr=p.lr_base, seed=0, ranks=ranks)
+        assert stats["ranks"] == ranks
+        runs[label] = (_weights(model), stats["final_loss"])
+    assert not torch.equal(runs["one"][0], start), "training changed nothing"
+    assert torch.equal(runs["two"][0], runs["two again"][0])
+    assert torch.allclose(runs["one"][0], runs["two"][0], atol=1e-4, rtol=0)
+    assert not torch.equal(runs["one"][0], runs["two"][0])  # the peer really computed half the rows
+    assert runs["one"][1] == pytest.approx(runs["two"][1], rel=1e-5)
+
+
+def test_a_dead_base_peer_is_reported_and_its_shared_memory_freed(world):
+    from es_merging.zoo.base_peers import BasePeers
+
+    p, new_model = _tiny_base_setup(world)
+    model = new_model()
+    params = [q for q in model.backbone.parameters() if q.requires_grad]
+    peers = BasePeers(model, world, params, 2, {"steps": 2, "batch": p.batch, "seed": 0, "gene_lm": 0.25})
+    names = [peers.shared_params.name, *(g.name for g in peers.grads)]
+    assert all(Path("/dev/shm", n).exists() for n in names)
+    try:
+        peers.procs[0].kill()
+        peers.procs[0].join(timeout=10)
+        with pytest.raises(EsMergingError, match=r"base's training process rank 1 stopped \(exit code -9\)"):
+            peers.begin(0)
+            peers.collect(0)
+    finally:
+        peers.close()
+    assert not any(Path("/dev/shm", n).exists() for n in names), "shared memory left behind"
+    import multiprocessing
+
+    assert not multiprocessing.active_children()
+
+
+def test_base_peer_exits_when_the_builder_is_killed(tmp_path):
+    """Like the expert workers: a base-training peer whose builder was killed outright exits."""
+    import signal
+    import time
+
+    import psutil
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE")
+    builder = subprocess.Popen([sys.executable, "-m", "es_merging", "zoo", "build", "--preset", "test",
+                                "--threads", "2", "--out", str(tmp_path / "zoo")],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peers: list = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not peers and builder.poll() is None:
+            time.sleep(0.1)
+            peers = [p for p in psutil.Process(builder.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        assert len(peers) == 1, "the build did not start a base-training peer"
+        builder.send_signal(signal.SIGKILL)
+        builder.wait(timeout=10)
+        gone, alive = psutil.wait_procs(peers, timeout=15)
+        assert not alive, "the base-training peer still runs after the builder died"
+    finally:
+        for proc in [builder, *[w for w in peers if w.is_running()]]:
+            try:
+                proc.kill()
+            except (psutil.Error, OSError):
+                pass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing as mp
 import os
 import time
 from contextlib import contextmanager
@@ -168,8 +169,10 @@ def _build_zoo(out: str | Path, *, preset: str, seed: int, overwrite: bool,
 
         t = time.time()
         base = MultimodalModel(_new_base(p, tokenizer, seed), tokenizer, {})
-        base_stats = train_base(base, world, steps=p.base_steps, batch=p.batch, lr=p.lr_base, seed=seed,
-                                progress=progress)
+        ranks = base_ranks(torch.get_num_threads())
+        with torch_threads(1 if ranks > 1 else None):  # one core per rank
+            base_stats = train_base(base, world, steps=p.base_steps, batch=p.batch, lr=p.lr_base, seed=seed,
+                                    progress=progress, ranks=ranks)
         base_dir = tmp / "base"
         base.backbone.save_pretrained(str(base_dir), safe_serialization=True)
         tokenizer.save_pretrained(str(base_dir))
@@ -182,11 +185,12 @@ def _build_zoo(out: str | Path, *, preset: str, seed: int, overwrite: bool,
         with torch.no_grad():  # soft tokens as long as the base's own token embeddings
             target_norm = float(base.backbone.get_input_embeddings().weight.norm(dim=-1).mean())
         encoder_stats = {}
-        for m, enc in encoders.items():
-            encoder_stats[m] = pretrain_encoder(enc, _encoder_corpus(world, m, p, seed), DESCRIPTORS[m],
-                                                steps=p.encoder_steps, batch=p.batch, lr=1e-3, seed=seed + 3,
-                                                target_norm=target_norm, heldout=world.heldout[m])
-            enc.save(tmp / m / "encoder")
+        with torch_threads(1):  # ~22 s at one thread, 45 s at two (ops too small to share)
+            for m, enc in encoders.items():
+                encoder_stats[m] = pretrain_encoder(enc, _encoder_corpus(world, m, p, seed), DESCRIPTORS[m],
+                                                    steps=p.encoder_steps, batch=p.batch, lr=1e-3, seed=seed + 3,
+                                                    target_norm=target_norm, heldout=world.heldout[m])
+                enc.save(tmp / m / "encoder")
         timings["encoders"] = round(time.time() - t, 2)
 
         t = time.time()
@@ -222,6 +226,15 @@ def _build_zoo(out: str | Path, *, preset: str, seed: int, overwrite: bool,
         }
         (tmp / "zoo.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def base_ranks(threads: int) -> int:
+    """Processes the base trains in (data-parallel, es_merging/zoo/base_peers.py): one per core, up
+    to 4 (each keeps 8 + 2 rows of the tiny preset's batch); one where this process may not start
+    children (a daemonic process)."""
+    if mp.current_process().daemon:
+        return 1
+    return max(1, min(int(threads), 4))
 
 
 def expert_threads(threads: int, experts: int) -> int:

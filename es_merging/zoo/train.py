@@ -100,13 +100,18 @@ def split_rows(flags: list[bool]) -> list[list[int]]:
 
 def optimizer_step(opt, params, loss: torch.Tensor, step: int, steps: int, lr: float) -> float:
     """One AdamW step with warm-up + cosine learning rate and gradient clipping; returns the loss."""
-    for g in opt.param_groups:
-        g["lr"] = _cosine_lr(step, steps, lr, warmup=max(1, steps // 20))
+    set_learning_rate(opt, step, steps, lr)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     return loss.item()
+
+
+def set_learning_rate(opt, step: int, steps: int, lr: float) -> None:
+    """Warm-up then cosine decay to a tenth of ``lr``, set on every parameter group."""
+    for g in opt.param_groups:
+        g["lr"] = _cosine_lr(step, steps, lr, warmup=max(1, steps // 20))
 
 
 def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -117,7 +122,7 @@ def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def train_base(model, world: World, *, steps: int, batch: int, lr: float, seed: int, gene_lm: float = 0.25,
-               progress: Progress | None = None) -> dict:
+               progress: Progress | None = None, ranks: int = 1) -> dict:
     """Base: every span as text; CE on the whole reply (it learns to copy descriptors into the slots
     and to answer the rule from them). ``gene_lm`` x batch extra rows show the cell
     as its gene list and trains plain next-token prediction on those genes (no cell-type label):
@@ -131,43 +136,88 @@ def train_base(model, world: World, *, steps: int, batch: int, lr: float, seed: 
     base answered from the prompt's descriptor words; with raw inputs (soft tokens, no words) its
     answer was then a constant, whatever the slots said, and every merge scored chance on the
     interactive task even where it filled all three slots correctly (task arithmetic, delta: slots
-    0.94 / 0.98 / 0.96, interactive 0.491, one answer for every sample)."""
+    0.94 / 0.98 / 0.96, interactive 0.491, one answer for every sample).
+
+    ``ranks`` > 1: data-parallel over this process and ``ranks - 1`` spawned peers, each taking every
+    ``ranks``-th row of the same stream (es_merging/zoo/base_peers.py); the weights depend on
+    ``ranks`` (the order gradients are summed in), on nothing else of the machine's."""
     torch.manual_seed(seed)
-    rng = random.Random(seed)
-    pool = world.samples(steps * batch, "train", seed=seed)
     params = [p for p in model.backbone.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    eos = model.tokenizer.eos_token
-    spans = {m: "text" for m in MODALITIES}
+    stream = {"steps": steps, "batch": batch, "seed": seed, "gene_lm": gene_lm}
     model.train()
     t0, losses = time.time(), []
+    peers = None
+    try:
+        if ranks > 1:
+            from es_merging.zoo.base_peers import BasePeers
+
+            peers = BasePeers(model, world, params, ranks, stream)
+        for step, (chunk, gene_rows) in enumerate(base_batches(world, **stream)):
+            set_learning_rate(opt, step, steps, lr)
+            opt.zero_grad(set_to_none=True)
+            if peers:
+                peers.begin(step)
+            total, count = base_loss_sum(model, chunk, gene_rows, rank=0, ranks=ranks)
+            if total is not None:
+                total.backward()
+            loss = 0.0 if total is None else float(total.item())
+            if peers:
+                peer_loss, peer_count = peers.collect(step)
+                loss, count = loss + peer_loss, count + peer_count
+            with torch.no_grad():  # summed over rows and ranks: the mean over every position here
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.div_(max(1, count))
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(loss / max(1, count))
+            if progress and (step % 20 == 0 or step == steps - 1):
+                progress("train base", step + 1, steps)
+    finally:
+        if peers:
+            peers.close()
+    model.eval()
+    return {"steps": steps, "seconds": round(time.time() - t0, 1), "final_loss": sum(losses[-20:]) / min(20, len(losses)),
+            "ranks": ranks}
+
+
+def base_batches(world: World, *, steps: int, batch: int, seed: int, gene_lm: float):
+    """The base's training stream, step by step: (reasoning rows, gene-list rows with the descriptors
+    each one's prompt shows). Every data-parallel rank draws the same stream and keeps its share.
+    ``gene_lm`` x batch gene-list rows come on top of the reasoning rows (the rule gets its full budget)."""
+    rng = random.Random(seed)
+    pool = world.samples(steps * batch, "train", seed=seed)
     for step in range(steps):
         chunk = pool[step * batch:(step + 1) * batch]
         rng.shuffle(chunk)
-        # gene-list rows come on top of the reasoning rows, so the rule gets its full budget
         extra = [rng.choice(pool) for _ in range(int(round(batch * gene_lm)))]
-        genes = [False] * len(chunk) + [True] * len(extra)
-        rendered = [render_example(model.renderer, ws, spans, eos) for ws in chunk]
-        rendered += [render_example(model.renderer, ws, dict(spans, cell="raw"), eos,
-                                    shown={m: rng.choice(DESCRIPTORS[m]) for m in ("molecule", "protein")})
-                     for ws in extra]
-        total, count = 0.0, 0
-        for group in split_rows(genes):  # gene rows are longer than reasoning rows: a forward each
-            gene_rows = genes[group[0]]
-            b, labels, _ = targets(model, [rendered[i] for i in group], [{"answer"} if gene_rows else None] * len(group),
-                                   [False] * len(group))
-            if gene_rows:
-                for row in range(len(group)):
-                    for j in b.masks["cell"][row].nonzero(as_tuple=True)[0].tolist()[1:]:
-                        labels[row, j - 1] = b.input_ids[row, j]
-            part, n = lm_loss_sum(model.forward(b).logits, labels)
-            total, count = total + part, count + n
-        loss = total / max(1, count)
-        losses.append(optimizer_step(opt, params, loss, step, steps, lr))
-        if progress and (step % 20 == 0 or step == steps - 1):
-            progress("train base", step + 1, steps)
-    model.eval()
-    return {"steps": steps, "seconds": round(time.time() - t0, 1), "final_loss": sum(losses[-20:]) / min(20, len(losses))}
+        yield chunk, [(ws, {m: rng.choice(DESCRIPTORS[m]) for m in ("molecule", "protein")}) for ws in extra]
+
+
+def base_loss_sum(model, chunk: list[WorldSample], gene_rows: list[tuple[WorldSample, dict]], *, rank: int = 0,
+                  ranks: int = 1) -> tuple[torch.Tensor | None, int]:
+    """Summed loss of rank ``rank``'s rows of one step (every ``ranks``-th row of each kind) and the
+    number of positions it covers; ``(None, 0)`` when the rank has no rows. Gene-list rows are longer
+    than reasoning rows: a forward each (split_rows' reason)."""
+    eos = model.tokenizer.eos_token
+    spans = {m: "text" for m in MODALITIES}
+    groups = []
+    if mine := gene_rows[rank::ranks]:
+        groups.append((True, [render_example(model.renderer, ws, dict(spans, cell="raw"), eos, shown=shown)
+                              for ws, shown in mine]))
+    if mine := chunk[rank::ranks]:
+        groups.append((False, [render_example(model.renderer, ws, spans, eos) for ws in mine]))
+    total, count = None, 0
+    for genes, rendered in groups:
+        b, labels, _ = targets(model, rendered, [{"answer"} if genes else None] * len(rendered), [False] * len(rendered))
+        if genes:  # plain next-token prediction on the genes too (after the first)
+            for row in range(len(rendered)):
+                for j in b.masks["cell"][row].nonzero(as_tuple=True)[0].tolist()[1:]:
+                    labels[row, j - 1] = b.input_ids[row, j]
+        part, n = lm_loss_sum(model.forward(b).logits, labels)
+        total, count = (part if total is None else total + part), count + n
+    return total, count
 
 
 def pretrain_encoder(encoder, entities, descriptors: tuple[str, ...], *, steps: int, batch: int, lr: float,
@@ -295,8 +345,7 @@ def train_experts(model, world: World, experts: list[str], *, steps: int, batch:
             if kl_count:
                 loss = loss + kl_weight * kl_total / kl_count
             opt, params = opts[name]
-            for g in opt.param_groups:
-                g["lr"] = _cosine_lr(step, steps, lr, warmup=max(1, steps // 20))
+            set_learning_rate(opt, step, steps, lr)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
