@@ -151,6 +151,12 @@ def test_inspect_benchmark_smoke():
     result = bench_inspect(n=40, seed=1, repeats=1)
     assert result["smiles_per_s"] > 0 and result["proteins_per_s"] > 0
     assert result["n"] == 40 and 10 < result["mean_heavy_atoms"] < 40
+    floor = result["rdkit_floor"]
+    assert set(floor["cpu_us_per_molecule"]) == {"parse", "canonical_smiles", "inchikey"}
+    assert all(v > 0 for v in floor["cpu_us_per_molecule"].values())
+    assert floor["ceiling_per_cpu_s"] == pytest.approx(1e6 / floor["total_cpu_us"], rel=1e-3)
+    # the full detail does at least these three calls per molecule (and they were timed alone)
+    assert result["full_over_floor"] > 0.8
 
 
 # ---------------------------------------------------------------------------------------------
