@@ -38,7 +38,17 @@ def _zoo(z: dict) -> str:
     return (f"`es-merging zoo build --preset tiny --seed {z['seed']}` (held-out entities, n = {q['base']['raw']['n']}):\n\n"
             + "\n".join(rows)
             + f"\n\nGates: {gates}.\n\nBuild time {t['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in t.items() if k != 'total')}) "
-              f"with {z.get('threads', '?')} torch thread(s) on a shared 2-core machine.\n")
+              f"with {z.get('threads', '?')} torch thread(s) on a shared 2-core machine{_layout(z)}.\n")
+
+
+def _layout(z: dict) -> str:
+    """How the build used the cores (older zoo.json files do not say)."""
+    training = z.get("training", {})
+    ranks = training.get("base", {}).get("ranks")
+    experts = training.get("expert_processes")
+    parts = ([f"base data-parallel over {ranks} process(es)"] if ranks else []) + \
+            ([f"experts in {experts} process(es)"] if experts else [])
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _merge_scale(m: dict) -> str:

@@ -112,9 +112,26 @@ def test_zoo_json_quality(zoo_dir):
     assert set(gates) >= {"base_text_answer_ge_0.95", "all_pass"}
     assert gates["all_pass"] == all(v for k, v in gates.items() if k != "all_pass")
     assert gates["base_text_answer_ge_0.95"] == (q["base"]["text"]["answer_accuracy"] >= 0.95)
+    encoders = report["training"]["encoders"]
+    assert set(encoders) == {"molecule", "protein"}
+    for m, stats in encoders.items():
+        assert gates[f"{m}_encoder_heldout_ge_0.97"] == (stats["heldout_accuracy"] >= 0.97)
+    assert report["training"]["base"]["ranks"] >= 1
     for key in ("world_and_tokenizer", "base", "experts", "evaluate", "total"):
         assert report["timings_s"][key] >= 0
     assert report["versions"]["torch"] and report["training"]["base"]["steps"] == report["preset"]["base_steps"]
+
+
+def test_an_encoder_that_generalises_poorly_fails_its_gate():
+    """The protein encoder once reached held-out 0.951 and capped its expert at 0.883: its gate fails."""
+    from es_merging.zoo.build import quality_gates
+
+    r = {"slot_accuracy": {m: 1.0 for m in MODALITIES}, "answer_accuracy": 1.0, "n": 1}
+    q = {k: {"raw": r, "text": r} for k in ("base", *MODALITIES)}
+    good = quality_gates(q, {"molecule": {"heldout_accuracy": 0.98}, "protein": {"heldout_accuracy": 1.0}})
+    assert good["all_pass"] and good["protein_encoder_heldout_ge_0.97"]
+    bad = quality_gates(q, {"molecule": {"heldout_accuracy": 0.98}, "protein": {"heldout_accuracy": 0.951}})
+    assert not bad["all_pass"] and not bad["protein_encoder_heldout_ge_0.97"] and bad["molecule_encoder_heldout_ge_0.97"]
 
 
 def test_zoo_tokenizer(zoo_dir):

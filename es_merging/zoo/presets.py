@@ -27,7 +27,7 @@ class Preset:
     esm_layers: int
     fp_bits: int
     eval_n: int
-    gates: bool  # enforce the quality gates of the issue
+    gates: bool  # the quality gates apply (a miss is warned about; zoo.json records every gate)
 
     def to_dict(self) -> dict:
         return asdict(self)
