@@ -633,6 +633,7 @@ def test_base_peer_exits_when_the_builder_is_killed(tmp_path):
 
     import psutil
 
+    shm_before = set(Path("/dev/shm").glob("psm_*"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE")
     builder = subprocess.Popen([sys.executable, "-m", "es_merging", "zoo", "build", "--preset", "test",
                                 "--threads", "2", "--out", str(tmp_path / "zoo")],
@@ -648,6 +649,12 @@ def test_base_peer_exits_when_the_builder_is_killed(tmp_path):
         builder.wait(timeout=10)
         gone, alive = psutil.wait_procs(peers, timeout=15)
         assert not alive, "the base-training peer still runs after the builder died"
+        # nobody is left to unlink the gradient buffers but Python's resource tracker, which does
+        # once every process that shared it is gone
+        deadline = time.monotonic() + 15
+        while set(Path("/dev/shm").glob("psm_*")) - shm_before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not set(Path("/dev/shm").glob("psm_*")) - shm_before, "shared memory left behind"
     finally:
         for proc in [builder, *[w for w in peers if w.is_running()]]:
             try:
