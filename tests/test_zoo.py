@@ -532,37 +532,46 @@ def test_answer_follows_slots_is_measured_against_the_rule(monkeypatch, world):
     assert r["n"] == 4
 
 
-def test_expert_workers_exit_when_the_builder_is_killed(tmp_path):
-    """A cancelled server job kills its worker outright (no clean-up runs): the expert trainers it
-    started must notice and exit on their own, not train on as orphans."""
+def _start_killable_build(tmp_path) -> subprocess.Popen:
+    """A CLI build of the test preset on two threads (base peers, then expert workers), output discarded."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE")
+    return subprocess.Popen([sys.executable, "-m", "es_merging", "zoo", "build", "--preset", "test",
+                             "--threads", "2", "--out", str(tmp_path / "zoo")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _kill_when_spawned(builder: subprocess.Popen, count: int, settle_s: float = 0.0) -> list:
+    """Wait until ``builder`` has ``count`` spawned children, SIGKILL it, and return the children
+    still running 15 s later (they should all have exited on their own); kills every one either way."""
     import signal
     import time
 
     import psutil
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE")
-    builder = subprocess.Popen([sys.executable, "-m", "es_merging", "zoo", "build", "--preset", "test",
-                                "--threads", "2", "--out", str(tmp_path / "zoo")],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list = []
     try:
-        workers: list = []
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(workers) < 3 and builder.poll() is None:
-            time.sleep(0.2)
-            workers = [p for p in psutil.Process(builder.pid).children()
-                       if "spawn_main" in " ".join(p.cmdline())]
-        assert len(workers) == 3, "the build did not start three expert workers"
-        time.sleep(1.0)  # let them get going
+        while time.monotonic() < deadline and len(children) < count and builder.poll() is None:
+            time.sleep(0.1)
+            children = [p for p in psutil.Process(builder.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        assert len(children) == count, f"the build did not start {count} worker process(es)"
+        time.sleep(settle_s)
         builder.send_signal(signal.SIGKILL)
         builder.wait(timeout=10)
-        gone, alive = psutil.wait_procs(workers, timeout=15)
-        assert not alive, f"expert workers still running after the builder died: {[p.pid for p in alive]}"
+        return psutil.wait_procs(children, timeout=15)[1]
     finally:
-        for proc in [builder, *[w for w in workers if w.is_running()]]:
+        for proc in [builder, *[c for c in children if c.is_running()]]:
             try:
                 proc.kill()
             except (psutil.Error, OSError):
                 pass
+
+
+def test_expert_workers_exit_when_the_builder_is_killed(tmp_path):
+    """A cancelled server job kills its worker outright (no clean-up runs): the expert trainers it
+    started must notice and exit on their own, not train on as orphans."""
+    alive = _kill_when_spawned(_start_killable_build(tmp_path), 3, settle_s=1.0)  # base peer gone by then
+    assert not alive, f"expert workers still running after the builder died: {[p.pid for p in alive]}"
     assert not (tmp_path / "zoo").exists()  # nothing published (the staging directory may remain)
 
 
@@ -628,36 +637,14 @@ def test_a_dead_base_peer_is_reported_and_its_shared_memory_freed(world):
 
 def test_base_peer_exits_when_the_builder_is_killed(tmp_path):
     """Like the expert workers: a base-training peer whose builder was killed outright exits."""
-    import signal
     import time
 
-    import psutil
-
     shm_before = set(Path("/dev/shm").glob("psm_*"))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE")
-    builder = subprocess.Popen([sys.executable, "-m", "es_merging", "zoo", "build", "--preset", "test",
-                                "--threads", "2", "--out", str(tmp_path / "zoo")],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    peers: list = []
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not peers and builder.poll() is None:
-            time.sleep(0.1)
-            peers = [p for p in psutil.Process(builder.pid).children() if "spawn_main" in " ".join(p.cmdline())]
-        assert len(peers) == 1, "the build did not start a base-training peer"
-        builder.send_signal(signal.SIGKILL)
-        builder.wait(timeout=10)
-        gone, alive = psutil.wait_procs(peers, timeout=15)
-        assert not alive, "the base-training peer still runs after the builder died"
-        # nobody is left to unlink the gradient buffers but Python's resource tracker, which does
-        # once every process that shared it is gone
-        deadline = time.monotonic() + 15
-        while set(Path("/dev/shm").glob("psm_*")) - shm_before and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not set(Path("/dev/shm").glob("psm_*")) - shm_before, "shared memory left behind"
-    finally:
-        for proc in [builder, *[w for w in peers if w.is_running()]]:
-            try:
-                proc.kill()
-            except (psutil.Error, OSError):
-                pass
+    alive = _kill_when_spawned(_start_killable_build(tmp_path), 1)
+    assert not alive, "the base-training peer still runs after the builder died"
+    # nobody is left to unlink the gradient buffers but Python's resource tracker, which does
+    # once every process that shared it is gone
+    deadline = time.monotonic() + 15
+    while set(Path("/dev/shm").glob("psm_*")) - shm_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not set(Path("/dev/shm").glob("psm_*")) - shm_before, "shared memory left behind"
