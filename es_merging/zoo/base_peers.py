@@ -83,12 +83,14 @@ class BasePeers:
         self.shared_params = SharedFloats(size)
         self.param_views = self.shared_params.views(params)
         self.grads: list[SharedFloats] = []
+        self.grad_views: list[list[torch.Tensor]] = []  # per peer, shaped like params
         self.procs, self.conns = [], []
         ctx = mp.get_context("spawn")
         try:
             for rank in range(1, ranks):
                 grads = SharedFloats(size)
                 self.grads.append(grads)
+                self.grad_views.append(grads.views(params))
                 spec = PeerSpec(config=model.backbone.config, tokenizer=model.tokenizer, world=world, stream=stream,
                                 rank=rank, ranks=ranks, params_name=self.shared_params.name, grads_name=grads.name,
                                 size=size)
@@ -118,7 +120,7 @@ class BasePeers:
         """Add every peer's gradient of ``step`` to the parameters' own, in rank order; returns the
         peers' summed loss and position count."""
         loss, count = 0.0, 0
-        for rank, (conn, grads) in enumerate(zip(self.conns, self.grads), start=1):
+        for rank, (conn, views) in enumerate(zip(self.conns, self.grad_views), start=1):
             try:
                 kind, *payload = conn.recv()
             except (EOFError, OSError):
@@ -129,7 +131,7 @@ class BasePeers:
             if peer_step != step:  # both ranks walk the same stream: a mismatch is a bug, not bad input
                 raise EsMergingError(f"base training rank {rank} answered step {peer_step} for step {step}")
             with torch.no_grad():
-                for p, g in zip(self.params, grads.views(self.params)):
+                for p, g in zip(self.params, views):
                     if p.grad is None:
                         p.grad = g.clone()
                     else:
@@ -156,7 +158,7 @@ class BasePeers:
                 proc.join(timeout=5)
         for conn in self.conns:
             conn.close()
-        self.param_views = []
+        self.param_views, self.grad_views = [], []  # no view may outlive its block
         for block in [self.shared_params, *self.grads]:
             block.close()
         self.grads, self.conns, self.procs = [], [], []
