@@ -185,7 +185,7 @@ def _build_zoo(out: str | Path, *, preset: str, seed: int, overwrite: bool,
         with torch.no_grad():  # soft tokens as long as the base's own token embeddings
             target_norm = float(base.backbone.get_input_embeddings().weight.norm(dim=-1).mean())
         encoder_stats = {}
-        with torch_threads(1):  # ~22 s at one thread, 45 s at two (ops too small to share)
+        with torch_threads(1):  # 26 s at one thread in the tiny build, 45 s at two (ops too small to share)
             for m, enc in encoders.items():
                 encoder_stats[m] = pretrain_encoder(enc, _encoder_corpus(world, m, p, seed), DESCRIPTORS[m],
                                                     steps=p.encoder_steps, batch=p.batch, lr=1e-3, seed=seed + 3,
