@@ -648,3 +648,26 @@ def test_base_peer_exits_when_the_builder_is_killed(tmp_path):
     while set(Path("/dev/shm").glob("psm_*")) - shm_before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not set(Path("/dev/shm").glob("psm_*")) - shm_before, "shared memory left behind"
+
+
+def test_base_rule_check_trains_a_second_round_only_below_its_threshold(world):
+    """A base that passes its check is left as it is (the committed zoo's bytes do not move); one
+    that does not gets a gentler second round, recorded with what it reached."""
+    from dataclasses import replace
+
+    from es_merging.zoo.build import ensure_base_learnt_rule
+    from es_merging.zoo.train import train_base
+
+    p, new_model = _tiny_base_setup(world)
+    p = replace(p, base_steps=6, eval_n=16)
+    model = new_model()
+    train_base(model, world, steps=p.base_steps, batch=p.batch, lr=p.lr_base, seed=0)
+    before = _weights(model).clone()
+    passed = ensure_base_learnt_rule(model, world, p, seed=0, ranks=1, threshold=0.0)
+    assert passed["extra_steps"] == 0 and passed["samples"] == 16 and 0.0 <= passed["answer_accuracy"] <= 1.0
+    assert torch.equal(_weights(model), before)
+    failed = ensure_base_learnt_rule(model, world, p, seed=0, ranks=1, threshold=1.01)
+    assert failed["extra_steps"] == 2 and failed["extra_lr"] == pytest.approx(p.lr_base / 3)
+    assert failed["answer_accuracy"] == passed["answer_accuracy"]  # the same check samples
+    assert 0.0 <= failed["answer_accuracy_after"] <= 1.0
+    assert not torch.equal(_weights(model), before)

@@ -28,6 +28,7 @@ class Preset:
     fp_bits: int
     eval_n: int
     gates: bool  # the quality gates apply (a miss is warned about; zoo.json records every gate)
+    base_rule_check: float | None = None  # see build.ensure_base_learnt_rule; None: no check
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,7 +37,8 @@ class Preset:
 PRESETS = {
     "tiny": Preset("tiny", hidden=128, layers=4, heads=4, intermediate=384, vocab=1024, per_class=300,
                    base_steps=1200, expert_steps=400, encoder_steps=1000, corpus_per_class=1000, batch=32, lr_base=3e-3, lr_expert=3e-3, lora_rank=8,
-                   lora_alpha=16, esm_hidden=64, esm_layers=2, fp_bits=1024, eval_n=300, gates=True),
+                   lora_alpha=16, esm_hidden=64, esm_layers=2, fp_bits=1024, eval_n=300, gates=True,
+                   base_rule_check=0.97),
     "test": Preset("test", hidden=64, layers=2, heads=4, intermediate=128, vocab=1024, per_class=40,
                    base_steps=120, expert_steps=90, encoder_steps=120, corpus_per_class=200, batch=16, lr_base=4e-3, lr_expert=3e-3, lora_rank=4,
                    lora_alpha=8, esm_hidden=32, esm_layers=1, fp_bits=512, eval_n=48, gates=False),
