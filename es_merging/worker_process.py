@@ -3,6 +3,7 @@
 Standard library only: a spawned child imports it before anything heavy."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import threading
@@ -28,3 +29,9 @@ def exit_when_orphaned(parent_pid: int, code: int = 3) -> None:
                 os._exit(code)
 
     threading.Thread(target=watch, name="esm-parent-watch", daemon=True).start()
+
+
+def may_start_processes() -> bool:
+    """False inside a daemonic process, which Python forbids to have children: work that would go to
+    worker processes (the zoo's base peers and expert jobs) then runs in this process instead."""
+    return not multiprocessing.current_process().daemon

@@ -576,7 +576,9 @@ def test_expert_workers_exit_when_the_builder_is_killed(tmp_path):
 
 
 # ----------------------------------------------------------------------------- data-parallel base
-def _tiny_base_setup(world):
+@pytest.fixture(scope="module")
+def small_base(world):
+    """(test preset, a maker of fresh untrained bases): one tokenizer for every test that needs one."""
     from es_merging.mllm import MultimodalModel
     from es_merging.zoo.build import _corpus, _new_base
     from es_merging.zoo.presets import PRESETS
@@ -591,12 +593,12 @@ def _weights(model) -> torch.Tensor:
     return torch.cat([q.detach().flatten() for q in model.backbone.parameters()])
 
 
-def test_data_parallel_base_is_reproducible_and_follows_one_process(world):
+def test_data_parallel_base_is_reproducible_and_follows_one_process(world, small_base):
     """Two ranks give the same bytes every time, and the same training as one process up to the
     order floats are summed in (each rank's gradient of its rows, added in rank order)."""
     from es_merging.zoo.train import train_base
 
-    p, new_model = _tiny_base_setup(world)
+    p, new_model = small_base
     runs = {}
     for label, ranks in (("one", 1), ("two", 2), ("two again", 2)):
         model = new_model()
@@ -612,10 +614,10 @@ def test_data_parallel_base_is_reproducible_and_follows_one_process(world):
     assert runs["one"][1] == pytest.approx(runs["two"][1], rel=1e-5)
 
 
-def test_a_dead_base_peer_is_reported_and_its_shared_memory_freed(world):
+def test_a_dead_base_peer_is_reported_and_its_shared_memory_freed(world, small_base):
     from es_merging.zoo.base_peers import BasePeers
 
-    p, new_model = _tiny_base_setup(world)
+    p, new_model = small_base
     model = new_model()
     params = [q for q in model.backbone.parameters() if q.requires_grad]
     peers = BasePeers(model, world, params, 2, {"steps": 2, "batch": p.batch, "seed": 0, "gene_lm": 0.25})
@@ -650,7 +652,7 @@ def test_base_peer_exits_when_the_builder_is_killed(tmp_path):
     assert not set(Path("/dev/shm").glob("psm_*")) - shm_before, "shared memory left behind"
 
 
-def test_base_rule_check_trains_a_second_round_only_below_its_threshold(world):
+def test_base_rule_check_trains_a_second_round_only_below_its_threshold(world, small_base):
     """A base that passes its check is left as it is (the committed zoo's bytes do not move); one
     that does not gets a gentler second round, recorded with what it reached."""
     from dataclasses import replace
@@ -658,7 +660,7 @@ def test_base_rule_check_trains_a_second_round_only_below_its_threshold(world):
     from es_merging.zoo.build import ensure_base_learnt_rule
     from es_merging.zoo.train import train_base
 
-    p, new_model = _tiny_base_setup(world)
+    p, new_model = small_base
     p = replace(p, base_steps=6, eval_n=16)
     model = new_model()
     train_base(model, world, steps=p.base_steps, batch=p.batch, lr=p.lr_base, seed=0)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
 import os
 import time
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from es_merging.errors import EsMergingError
 from es_merging.experts import base_hash
 from es_merging.probe import MODALITY_ORDER
 from es_merging.staging import staged_directory
+from es_merging.worker_process import may_start_processes
 from es_merging.zoo.expert_jobs import ExpertJob, run_expert_jobs
 from es_merging.zoo.presets import PRESETS, Preset
 from es_merging.zoo.world import DESCRIPTORS, MODALITIES, World
@@ -270,7 +270,7 @@ def base_ranks(threads: int) -> int:
     """Processes the base trains in (data-parallel, es_merging/zoo/base_peers.py): one per core, up
     to 4 (each keeps 8 + 2 rows of the tiny preset's batch); one where this process may not start
     children (a daemonic process)."""
-    if mp.current_process().daemon:
+    if not may_start_processes():
         return 1
     return max(1, min(int(threads), 4))
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from es_merging.errors import EsMergingError
-from es_merging.worker_process import exit_when_orphaned, stdout_to_stderr
+from es_merging.worker_process import exit_when_orphaned, may_start_processes, stdout_to_stderr
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -121,7 +121,7 @@ def _save_adapter(peft_model, job: ExpertJob, out: Path) -> None:
 def run_expert_jobs(jobs: list[ExpertJob], *, processes: int, progress: Progress | None = None) -> dict[str, dict]:
     """Run ``jobs``: in this process one after the other (``processes`` <= 1, or where this process
     may not have children), else all at once in worker processes. Returns name -> training stats."""
-    if processes <= 1 or len(jobs) <= 1 or mp.current_process().daemon:
+    if processes <= 1 or len(jobs) <= 1 or not may_start_processes():
         counter = _StepCounter(jobs, progress)
         return {job.name: run_expert_job(job, counter.for_job(job.name)) for job in jobs}
     return _run_in_workers(jobs, progress)
