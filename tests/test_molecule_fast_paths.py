@@ -186,9 +186,9 @@ def test_facts_read_what_rdkit_reads():
             assert degree == atom.GetDegree() and hs == atom.GetTotalNumHs()
             assert rings == ring_info.NumAtomRings(atom.GetIdx())
             assert facts.hs.get(atom.GetIdx(), 0) == atom.GetTotalNumHs()
-        bonds = {(min(b.GetBeginAtomIdx(), b.GetEndAtomIdx()), max(b.GetBeginAtomIdx(), b.GetEndAtomIdx()))
-                 for b in mol.GetBonds()}
-        assert set(zip(*facts.edges)) == bonds
+        bonds = {(min(b.GetBeginAtomIdx(), b.GetEndAtomIdx()), max(b.GetBeginAtomIdx(), b.GetEndAtomIdx())):
+                 int(b.GetBondType()) for b in mol.GetBonds()}
+        assert dict(zip(zip(*facts.edges), facts.orders)) == bonds and len(facts.orders) == len(bonds)
     assert 0 < no_facts < len(mols) // 10  # explicit H atoms, dative bonds...: the safe route
 
 

@@ -138,7 +138,7 @@ def bench_inspect(n: int = 5000, seed: int = 0, repeats: int = 3) -> dict:
     levels = {}
     for detail in ("full", "basic"):
         rate, cpu, runs, res = _rate(functools.partial(molecule.inspect_molecules, detail=detail), smiles, repeats,
-                                     before=molecule._describe_text.cache_clear)
+                                     before=molecule.clear_caches)
         levels[detail] = {"per_s": round(rate, 1), "per_cpu_s": round(cpu, 1),
                           "cpu_us_per_item": round(1e6 / cpu, 1), "runs": runs, "results": res}
     floor = rdkit_floor(smiles, repeats)
@@ -147,7 +147,7 @@ def bench_inspect(n: int = 5000, seed: int = 0, repeats: int = 3) -> dict:
     # A screen: n rows over 200 distinct drugs (GDSC2 has 170), cache cleared first, so 200 misses.
     rng = random.Random(seed)
     screen = [rng.choice(smiles[:200]) for _ in range(n)]
-    screen_rate, _, _, _ = _rate(molecule.inspect_molecules, screen, 1, before=molecule._describe_text.cache_clear)
+    screen_rate, _, _, _ = _rate(molecule.inspect_molecules, screen, 1, before=molecule.clear_caches)
     prot_rate, prot_cpu, prot_runs, prot_res = _rate(protein.inspect_proteins, seqs, repeats)
     heavy = [r.descriptors["heavy_atoms"] for r in mol_res if r.ok]
     target = 2000

@@ -13,7 +13,9 @@ from rdkit import Chem, rdBase
 from rdkit.Chem import Crippen, QED
 from rdkit.Chem import rdMolDescriptors as rdmd
 
+from es_merging.modalities import molecule_atom_memo as memo
 from es_merging.modalities import molecule_screens as screens
+from es_merging.modalities.molecule_atom_memo import atom_keys
 from es_merging.modalities.molecule_screens import (
     _ANY, _HAS_H, _KIND_KEYS, _MANY, _NON_UNIQUE, _PANEL, _UNIQUE, _Facts, _acceptor_screen, _alert_screen,
     _crippen_heavy, _fast_counts, _hba_parts, _rich_screen, _rotor_parts, _signature,
@@ -273,6 +275,17 @@ def _crippen_logp(mol: Chem.Mol, smiles: str | None = None, facts: _Facts | None
     """:func:`crippen_logp`; ``facts`` (this molecule's :class:`_Facts`) screens the heavy-atom types further."""
     if mol.GetNumAtoms() != mol.GetNumHeavyAtoms():
         return Crippen.MolLogP(mol)
+    keys = atom_keys(facts) if facts is not None else None
+    terms = memo.CRIPPEN.terms(keys)
+    if terms is not None:  # every atom seen before: RDKit's terms, summed in RDKit's order
+        logp = 0.0
+        for heavy_logp, _h_logp in terms:
+            logp += heavy_logp
+        for idx, n_h in sorted(facts.hs.items()):
+            h_logp = terms[idx][1]
+            for _ in range(n_h):
+                logp += h_logp
+        return logp
     h_logp = _crippen_h_logp()
     typer = _crippen_heavy() if smiles is not None else None
     if typer is not None:
@@ -299,6 +312,11 @@ def _crippen_logp(mol: Chem.Mol, smiles: str | None = None, facts: _Facts | None
         else:  # [#1][!#6;!#7;!#8]
             label = "H2"
         h_terms.append((idx, n_h, h_logp[label]))
+    if keys is not None:
+        per_h: list[float | None] = [None] * len(heavy)
+        for idx, _n_h, contrib in h_terms:
+            per_h[idx] = contrib
+        memo.CRIPPEN.learn(keys, list(zip(heavy, per_h)))
     logp = 0.0
     for contrib in heavy:  # sequential, as RDKit sums (no fsum, no pairwise sum())
         logp += contrib
@@ -384,13 +402,35 @@ def _qed_properties_many(mols: Sequence[Chem.Mol], knowns: Sequence[dict | None]
             kept_alerts.append(fact.kept(alerts))
     arom = [_qed_aromatic_rings(m, s, f) for m, s, f in zip(mols, smiles, facts)]
     # QED: sum(len(GetSubstructMatches(p)) for p if HasSubstructMatch(p)); no match adds 0 anyway
-    hba = [sum(len(m.GetSubstructMatches(acceptors.patterns[i], _UNIQUE)) for i in kept)
-           for m, kept in zip(mols, kept_acceptors)]
+    hba = [_acceptor_count(m, kept, acceptors, fact) for m, kept, fact in zip(mols, kept_acceptors, facts)]
     # one C++ FilterCatalog call over the kept alerts is no faster: the searches themselves cost
     n_alerts = [sum(1 for i in kept if m.HasSubstructMatch(alerts.patterns[i], _ANY)) for m, kept in zip(mols, kept_alerts)]
     return [QED.QEDproperties(MW=k["mw"], ALOGP=k["logp"], HBA=a, HBD=k["hbd"], PSA=k["tpsa"], ROTB=k["rotb"],
                               AROM=r, ALERTS=n)
             for k, a, r, n in zip(knowns, hba, arom, n_alerts)]
+
+
+def _acceptor_count(mol: Chem.Mol, kept: tuple[int, ...], acceptors, facts: _Facts | None) -> int:
+    """QED's HBA: the matches of its acceptor patterns that may match (``kept``), or, when every
+    atom's key is known, the sum of the atoms' remembered counts (see molecule_atom_memo; each
+    acceptor pattern is one atom, so a match is an atom)."""
+    keys = atom_keys(facts) if facts is not None and _single_atom_acceptors() else None
+    terms = memo.ACCEPTORS.terms(keys)
+    if terms is not None:
+        return sum(terms)
+    if keys is None:
+        return sum(len(mol.GetSubstructMatches(acceptors.patterns[i], _UNIQUE)) for i in kept)
+    counts = [0] * mol.GetNumAtoms()
+    for i in kept:
+        for (idx,) in mol.GetSubstructMatches(acceptors.patterns[i], _UNIQUE):
+            counts[idx] += 1
+    memo.ACCEPTORS.learn(keys, counts)
+    return sum(counts)
+
+
+@lru_cache(maxsize=1)
+def _single_atom_acceptors() -> bool:
+    return all(p.GetNumAtoms() == 1 for p in QED.Acceptors)
 
 
 def qed(mol: Chem.Mol) -> float:

@@ -119,7 +119,8 @@ class _Facts:
       and the number of (SSSR) rings it is in (``rings=False``: not read, 15 = unknown);
     * ``pairs``: per bond, ``lower code << 32 | bond type << 24 | higher code`` (see :meth:`unpair`);
     * ``hs``: atom index -> H count, for the atoms that carry hydrogens (Crippen's H types);
-    * ``edges``: both ends of every bond (QED's aromatic ring count).
+    * ``edges``: both ends of every bond (QED's aromatic ring count), ``orders`` its bond type;
+    * ``atom_keys``: left to :func:`~es_merging.modalities.molecule_atom_memo.atom_keys` to fill.
 
     ``codes`` is None (and the screens fall back to the SMILES signature) when this cannot be read
     with certainty: explicit hydrogen atoms, a dative or unusual bond, an atom token RDKit cannot
@@ -127,13 +128,15 @@ class _Facts:
     primitive (3 searches), the ring counts from the RingInfo its R primitive reads (atom by atom:
     ~3 us, where searching [R] and [!R0;!R1] took ~8), the bonds from its adjacency matrix."""
 
-    __slots__ = ("codes", "pairs", "hs", "edges", "_kept")
+    __slots__ = ("codes", "pairs", "hs", "edges", "orders", "atom_keys", "_kept", "_guards")
 
     def __init__(self, mol: Chem.Mol, smiles: str, rings: bool = True):
         self.codes: list[int] | None = None
         self.pairs: frozenset[int] = frozenset()
         self.hs: dict[int, int] = {}
         self.edges: tuple[list[int], list[int]] = ([], [])
+        self.orders: list[int] = []  # RDKit's BondType value of each bond in edges (1, 2, 3, 4, 12)
+        self.atom_keys: list[tuple] | None | bool = False  # False: not computed yet
         self._kept: dict | None = None
         n = mol.GetNumAtoms()
         if not n or n != mol.GetNumHeavyAtoms() or _ODD_BOND.search(smiles):
@@ -160,9 +163,10 @@ class _Facts:
         upper = rows < cols
         begins, ends = rows[upper], cols[upper]
         type_of = _BOND_TYPE_OF_ORDER
-        bond_types = [type_of.get(order, 0) << 24 for order in adjacency[begins, ends].tolist()]
-        if 0 in bond_types:
+        orders = [type_of.get(order, 0) for order in adjacency[begins, ends].tolist()]
+        if 0 in orders:
             return
+        bond_types = [order << 24 for order in orders]
         hs: dict[int, int] = {}  # what RDKit's H primitive counts, atom by atom
         get = hs.get
         for query, bit in _H_COUNTS:
@@ -189,7 +193,7 @@ class _Facts:
         for a, b, bond_type in zip(begins, ends, bond_types):
             a, b = codes[a], codes[b]
             add(a << 32 | bond_type | b if a <= b else b << 32 | bond_type | a)
-        self.codes, self.pairs, self.hs, self.edges = codes, frozenset(pairs), hs, (begins, ends)
+        self.codes, self.pairs, self.hs, self.edges, self.orders = codes, frozenset(pairs), hs, (begins, ends), orders
 
     @staticmethod
     def unpair(pair: int) -> tuple[int, int, int]:
@@ -200,9 +204,16 @@ class _Facts:
         SMILES signature)."""
         if self.codes is None:
             return None
-        if self._kept is None:
-            self._kept = _rich_screen().kept(self)
-        return self._kept.get(screen)
+        kept = self._kept
+        if kept is None:  # every screen's guards at once; each screen's patterns decoded when asked
+            kept = self._kept = {}
+            rich = _rich_screen()
+            self._guards = (rich, rich.guards_kept(self))
+        found = kept.get(screen, False)
+        if found is False:
+            rich, guards = self._guards
+            found = kept[screen] = rich.decode(guards, screen)
+        return found
 
 
 def _describe_tree(text: str) -> list:
@@ -230,6 +241,58 @@ def _describe_tree(text: str) -> list:
     return build(0, 0)[0]
 
 
+def _recursions(smarts: str) -> list[tuple[bool, str]] | None:
+    """The recursive parts of one atom's SMARTS, in order: (negated, inner SMARTS) for each
+    ``$(...)`` / ``!$(...)`` (one nested in another is part of the outer one's text); None if a
+    parenthesis is left open."""
+    out, i = [], 0
+    while i < len(smarts):
+        if not smarts.startswith("$(", i):
+            i += 1
+            continue
+        j, level = i + 2, 1
+        while j < len(smarts) and level:
+            level += {"(": 1, ")": -1}.get(smarts[j], 0)
+            j += 1
+        if level:
+            return None
+        out.append((i > 0 and smarts[i - 1] == "!", smarts[i + 2:j - 1]))
+        i = j
+    return out
+
+
+def _atom_tree(atom: Chem.Atom):
+    """:func:`_describe_tree` of a query atom, with each recursive part ``$(X)`` that is not negated
+    replaced by the query of X's first atom (``RecursiveRoot``): an atom matches X only if it
+    matches X's first atom, so a screen may use that as a necessary condition. A negated one, or a
+    query whose recursive parts cannot be paired with its SMARTS text one to one, stays unknown."""
+    described = atom.DescribeQuery()
+    tree = _describe_tree(described)[0]
+    if "RecursiveStructure" not in described:
+        return tree
+    parts = _recursions(atom.GetSmarts())
+    # the recursive nodes as DescribeQuery lists them: depth first, in the order the SMARTS reads
+    negated_nodes = [" not in" in line for line in described.splitlines()
+                     if line.strip().startswith("RecursiveStructure")]
+    if parts is None or negated_nodes != [negated for negated, _inner in parts]:
+        return tree  # the text and the query do not pair up one to one: leave them unknown
+    roots = []
+    for negated, inner in parts:
+        query = Chem.MolFromSmarts(inner)
+        if query is None or not query.GetNumAtoms():
+            return tree
+        roots.append((negated, _atom_tree(query.GetAtomWithIdx(0))))
+    next_root = iter(roots).__next__
+
+    def rebuild(node):  # the same depth-first order as collect
+        if node[0] == "RecursiveStructure":
+            negated, root = next_root()
+            return node if negated else ("RecursiveRoot", None, False, (root,), 1)
+        return (node[0], node[1], node[2], tuple(rebuild(kid) for kid in node[3]), node[4])
+
+    return rebuild(tree)
+
+
 def _may_match(node, key) -> bool | None:
     """Three-valued: can this query node match an atom (or bond) with ``key``? True, False, or None
     (unknown: what the key does not hold, recursive SMARTS...). Only an answer of False is used, so
@@ -246,6 +309,8 @@ def _may_match(node, key) -> bool | None:
         return True if True in results else (None if None in results else False)
     if name in ("AtomNull", "BondNull") and nwords == 1:
         return True
+    if name == "RecursiveRoot":  # the atom must match the recursive part's first atom; the rest is unknown
+        return False if _may_match(kids[0], key) is False else None
     if value is None or kids:
         return None
     if name.startswith("Atom"):
@@ -298,7 +363,7 @@ def _rarest_first(pattern: Chem.Mol) -> Chem.Mol:
     match exists does not depend on that order, its cost does: ``c1ccccc1OC(=O)O`` walks every
     benzene ring of a molecule before looking for the carbonate, ``O(C(=O)O)c1ccccc1`` fails at once
     (~6 us -> ~1.3 us per molecule). Counting matches or alerts gives the same numbers."""
-    atoms = [_describe_tree(a.DescribeQuery())[0] for a in pattern.GetAtoms()]
+    atoms = [_atom_tree(a) for a in pattern.GetAtoms()]
     score = []
     for atom, node in zip(pattern.GetAtoms(), atoms):
         share = sum(w for key, w in _ATOM_KIND_SHARE.items() if _may_match(node, key) is not False) or 1e-4
@@ -324,7 +389,7 @@ class _PatternScreen:
 
     def __init__(self, patterns: Sequence[Chem.Mol], reorder: bool = True):
         self.patterns = [_rarest_first(p) for p in patterns] if reorder else list(patterns)
-        self._atoms = [[_describe_tree(a.DescribeQuery())[0] for a in p.GetAtoms()] for p in self.patterns]
+        self._atoms = [[_atom_tree(a) for a in p.GetAtoms()] for p in self.patterns]
         self._bonds = [[_describe_tree(b.DescribeQuery())[0] for b in p.GetBonds()] for p in self.patterns]
         self._token_masks: dict[str, int] = {}
         self._kept: dict[tuple[frozenset, int], tuple[int, ...]] = {}
@@ -408,7 +473,9 @@ class _RichScreen:
         end_bits: dict[tuple, list[int]] = {}  # (node, degree) -> [begin bits, end bits] of query bonds
         type_bits: dict[tuple, int] = {}  # query bond node -> bits
         low = data = guards = bit = 0
+        self._spans: dict[int, tuple[int, int, int]] = {}  # id(screen) -> (number, first bit, past its last guard)
         for number, screen in enumerate(self.screens):
+            first_bit = bit
             for i, (pattern, atoms, bonds) in enumerate(zip(screen.patterns, screen._atoms, screen._bonds)):
                 start = bit
                 low |= 1 << bit
@@ -425,6 +492,7 @@ class _RichScreen:
                 guards |= 1 << bit
                 self._owner[bit] = (number, i)
                 bit += 1
+            self._spans[id(screen)] = (number, first_bit, bit)
         self._low, self._data, self._guards = low, data, guards
         self._atom_bits, self._end_bits, self._type_bits = atom_bits, end_bits, type_bits
         self._atom_masks: dict[int, int] = {}
@@ -488,6 +556,28 @@ class _RichScreen:
 
     def kept(self, facts: _Facts) -> dict[_PatternScreen, tuple[int, ...]]:
         """Pattern indices that may match, per screen, in order."""
+        full = self.guards_kept(facts)
+        return {screen: self.decode(full, screen) for screen in self.screens}
+
+    def decode(self, full: int, screen: _PatternScreen) -> tuple[int, ...] | None:
+        """The indices of ``screen``'s patterns whose guard bit is set in ``full`` (None: a screen
+        this rich screen does not cover). One screen at a time: a molecule whose Crippen terms are
+        all remembered never needs the ~20 kept Crippen types decoded."""
+        span = self._spans.get(id(screen))
+        if span is None or self.screens[span[0]] is not screen:
+            return None
+        _number, start, stop = span
+        owner = self._owner
+        text = bin((full >> start) & ((1 << (stop - start)) - 1))[:1:-1]  # bit i at position i
+        kept = []
+        at = text.find("1")
+        while at >= 0:
+            kept.append(owner[start + at][1])
+            at = text.find("1", at + 1)
+        return tuple(kept)
+
+    def guards_kept(self, facts: _Facts) -> int:
+        """The guard bits of every pattern that may match (see the class docstring)."""
         mask = 0  # (the caches fill on first use of a code; a race only computes a mask twice)
         atom_masks, pair_masks = self._atom_masks, self._pair_masks
         for code in set(facts.codes):
@@ -496,16 +586,7 @@ class _RichScreen:
         for pair in facts.pairs:
             bits = pair_masks.get(pair)
             mask |= self._pair_mask(pair) if bits is None else bits
-        full = ((mask & self._data) + self._low) & self._guards
-        kept: list[list[int]] = [[] for _ in self.screens]
-        owner = self._owner
-        text = bin(full)[:1:-1]  # bit i at position i
-        at = text.find("1")
-        while at >= 0:
-            number, i = owner[at]
-            kept[number].append(i)
-            at = text.find("1", at + 1)
-        return {screen: tuple(k) for screen, k in zip(self.screens, kept)}
+        return ((mask & self._data) + self._low) & self._guards
 
     def first_atoms(self, screen: _PatternScreen) -> dict[int, int]:
         """atom code -> bit i set where pattern i of ``screen`` has a first query atom that may be
