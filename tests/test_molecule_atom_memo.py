@@ -9,6 +9,7 @@ import os
 import pytest
 from rdkit import Chem, RDConfig, rdBase
 from rdkit.Chem import QED, Crippen
+from rdkit.Chem import rdMolDescriptors as rdmd
 
 from es_merging.modalities import molecule as mm
 from es_merging.modalities import molecule_atom_memo as memo
@@ -52,24 +53,43 @@ def _values(entries):
     known = [{"mw": 0.0, "logp": lp, "hbd": 0, "tpsa": 0.0, "rotb": 0} for lp in logps]
     acceptors = [p.HBA for p in mf._qed_properties_many([m for m, _, _ in entries], known,
                                                          [s for _, s, _ in entries], [f for _, _, f in entries])]
-    return logps, acceptors
+    hbas = [mf._lipinski_hba(m, ms._signature(m, s), f) for m, s, f in entries]
+    return logps, acceptors, hbas
 
 
 def test_remembered_terms_give_rdkits_numbers(cold, monkeypatch):
     smiles = DRUGS + _nci()
     first = _values(_parsed(smiles))  # learns every key on RDKit's pattern route
-    assert len(memo.CRIPPEN) > 300 and len(memo.ACCEPTORS) > 300
+    assert len(memo.CRIPPEN) > 300 and len(memo.ACCEPTORS) > 300 and len(memo.HBA) > 300
     # second pass, fresh facts: every atom is known now, so no pattern search may type an atom
     monkeypatch.setattr(mf, "_heavy_logp_contribs", lambda *a, **k: pytest.fail("Crippen searched again"))
+    monkeypatch.setattr(mf, "_hba_query", lambda *a, **k: pytest.fail("HBA searched again"))
     entries = _parsed(smiles)
-    with_keys = [e for e in entries if memo.atom_keys(e[2]) is not None]
-    assert len(with_keys) > 0.95 * len(entries)
-    logps, acceptors = _values(with_keys)
-    for (mol, text, _facts), logp, hba in zip(with_keys, logps, acceptors):
+    with_keys = [e for e in entries if memo.atom_keys(e[2]) is not None and memo.hba_terms_apply(e[2])]
+    assert len(with_keys) > 0.9 * len(entries)
+    logps, acceptors, hbas = _values(with_keys)
+    for (mol, text, _facts), logp, acceptor_count, hba in zip(with_keys, logps, acceptors, hbas):
         reference = Chem.Mol(mol)
         assert logp == Crippen.MolLogP(reference), text  # bit-identical, summed in RDKit's order
-        assert hba == QED.properties(reference).HBA, text
+        assert acceptor_count == QED.properties(reference).HBA, text
+        assert hba == rdmd.CalcNumHBA(reference), text
     assert first[0][:len(DRUGS)] == [Crippen.MolLogP(Chem.MolFromSmiles(s)) for s in DRUGS]
+
+
+def test_hba_memo_leaves_ring_double_bonds_to_the_pattern(cold):
+    # an N on a C whose C=N lies inside a ring (2-imidazoline, a cyclic amidine) may be an acceptor
+    # where the same atoms with the C=N outside rings would not: the keys do not say which, so a
+    # double bond to N, O, P or S between two ring atoms keeps the molecule on the pattern route
+    for smiles in ("CN1CCN=C1C", "CN(C)C1=NCCC1"):
+        [(mol, text, facts)] = _parsed([smiles])
+        assert not memo.hba_terms_apply(facts), smiles
+        assert mf._lipinski_hba(mol, ms._signature(mol, text), facts) == rdmd.CalcNumHBA(Chem.Mol(mol))
+    assert len(memo.HBA) == 0
+    for smiles in ("CN(C)C(=N)C1CC1", "C1CCC(=NC2CCCC2)N1", "O=C1CCCN1"):  # an end outside rings: settled
+        [(mol, text, facts)] = _parsed([smiles])
+        assert memo.hba_terms_apply(facts), smiles
+        assert mf._lipinski_hba(mol, ms._signature(mol, text), facts) == rdmd.CalcNumHBA(Chem.Mol(mol))
+    assert len(memo.HBA) > 0
 
 
 def test_inspect_with_a_warm_memo_equals_a_cold_one(cold):

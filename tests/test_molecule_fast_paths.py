@@ -192,6 +192,21 @@ def test_facts_read_what_rdkit_reads():
     assert 0 < no_facts < len(mols) // 10  # explicit H atoms, dative bonds...: the safe route
 
 
+def test_facts_count_four_or_more_hydrogens():
+    # the search for atoms with 4+ H runs only when the SMILES may hold one: methane, bracket atoms
+    for smiles in ("C", "C.[NH4+]", "[SiH4]", "CC[PH4]", "[13CH4]", "O.C", "[NH4+].[Cl-]", "CC[SH5]", "C[IH6]"):
+        with rdBase.BlockLogs():
+            mol = Chem.MolFromSmiles(smiles)
+        if mol is None:
+            continue
+        written = Chem.MolToSmiles(mol)
+        assert ms._may_have_four_h(written), written
+        facts = ms._Facts(mol, written)
+        assert facts.codes is not None, written
+        assert [facts.hs.get(a.GetIdx(), 0) for a in mol.GetAtoms()] == [a.GetTotalNumHs() for a in mol.GetAtoms()]
+    assert not ms._may_have_four_h("CCO") and not ms._may_have_four_h("[CH3]CC.CC")
+
+
 def test_fast_parse_gives_rdkits_molecule():
     opts_props = {"_CIPRank", "_ChiralityPossible", "__computedProps"}  # what the fast parse leaves out
 

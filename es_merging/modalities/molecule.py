@@ -370,8 +370,8 @@ def clear_caches() -> None:
     """Forget every described molecule and every remembered atom term (molecule_atom_memo): the
     next batch is described as by a fresh process. The benchmark's cold runs start with this."""
     _CACHE.cache_clear()
-    atom_memo.CRIPPEN.clear()
-    atom_memo.ACCEPTORS.clear()
+    for remembered in (atom_memo.CRIPPEN, atom_memo.ACCEPTORS, atom_memo.HBA):
+        remembered.clear()
 
 
 _describe_text.cache_clear = clear_caches  # type: ignore[attr-defined]

@@ -3,16 +3,19 @@ seen before needs no pattern search for them.
 
 Crippen LogP gives every heavy atom the value of the first of Crippen's atom-type patterns that
 matches with that atom first, and every hydrogen the value of its carrier's H type; QED counts, per
-atom, the acceptor patterns the atom matches. Each of those patterns looks at its first atom and
-its neighbours only (``[CH2X4]a``, ``[c](:a)(:a)-N``), except those rooted at an oxygen
-(``[O]=C(C)[A;!#1]``, ``[O-]C(=O)``, the hydroxyl H types ``[#1]OC=[#6,#7,O,S]``) or at a
-nitrogen (the acceptor ``[N;+0;X3;v3;!$(N[C,S]=O)]``), which look one bond further, through a
-single neighbour. So the term of an atom is a function of its :func:`atom_keys` key: the atom's
-code (kind: element, aromaticity, charge, isotope; explicit degree; H count) with, per neighbour,
-the bond type and the neighbour's code, and for N and O, per neighbour, that neighbour's own other
-neighbours the same way. Every primitive those patterns test (element, aromaticity, charge, H
-count, total degree X, valence v, bond order) is fixed by it; none tests rings, ring size or
-chirality. Two atoms with the same key get the same term, whichever molecule they are in.
+atom, the acceptor patterns the atom matches; Lipinski's HBA counts the atoms matching one
+(recursive) pattern. Each of those patterns looks at its first atom and its neighbours only
+(``[CH2X4]a``, ``[c](:a)(:a)-N``), except those rooted at an O, N or S, which look one bond further
+through a single neighbour (``[O]=C(C)[A;!#1]``, ``[O-]C(=O)``, the hydroxyl H types
+``[#1]OC=[#6,#7,O,S]``, the acceptor ``[N;+0;X3;v3;!$(N[C,S]=O)]``, HBA's
+``[O,S;H1;v2]-[!$(*=[O,N,P,S])]`` and ``[N;v3;!$(N-*=!@[O,N,P,S])]``). So the term of an atom is a
+function of its :func:`atom_keys` key: the atom's code (kind: element, aromaticity, charge, isotope;
+explicit degree; H count) with, per neighbour, the bond type and the neighbour's code, and for N, O
+and S, per neighbour, that neighbour's own other neighbours the same way. Every primitive those
+patterns test (element, aromaticity, charge, H count, total degree X, valence v, bond order) is
+fixed by it; none tests ring size or chirality, and the one ring test (HBA's ``=!@``) is settled
+per molecule by :func:`hba_terms_apply`. Two atoms with the same key get the same term, whichever
+molecule they are in.
 
 The memo learns a key's term from RDKit's own pattern route (a molecule with any unknown key is
 described that way, and teaches the memo all its atoms), and is only used where RDKit's count
@@ -33,7 +36,7 @@ log = logging.getLogger(__name__)
 
 _MATCH_CAP = 1000  # RDKit's maxMatches in Crippen's typing (and the default of every search)
 _FACTORIAL = [factorial(d) for d in range(_MANY)]
-_LOOKS_FURTHER = (7, 8)  # N and O: their patterns reach one bond past their neighbours
+_LOOKS_FURTHER = (7, 8, 16)  # N, O and S: their patterns reach one bond past their neighbours
 
 # A neighbour as seen from an atom, ``neighbour code << 4 | bond type``, gets a 4-bit field of its
 # own in an int, in order of first sight: an atom's neighbours as a multiset are then the sum of
@@ -41,7 +44,7 @@ _LOOKS_FURTHER = (7, 8)  # N and O: their patterns reach one bond past their nei
 _WEIGHTS: dict[int, int] = {}
 _WEIGHTS_LOCK = threading.Lock()
 _MAX_FIELDS = 4096  # distinct neighbour entries; drug-like sets have a few dozen
-_deep_kinds: dict[int, bool] = {}  # atom kind -> whether it is an N or O
+_deep_kinds: dict[int, bool] = {}  # atom kind -> whether it is an N, O or S
 # Each distinct key gets a small int, so that a key is hashed once per atom, not once per memo,
 # and the memos are lists indexed by it. At most _MAX_KEYS (~10 MB of keys); past that, molecules
 # with a new key take RDKit's route.
@@ -78,11 +81,11 @@ def atom_keys(facts: _Facts) -> list[int] | None:
     some pattern could reach RDKit's 1000-match cap. Cached on ``facts``.
 
     A key is ``(code, neighbours)``: the atom's code less its ring count and its neighbours as a
-    multiset (see _WEIGHTS); for N and O, ``(code, *branches)`` instead, one sorted entry per
+    multiset (see _WEIGHTS); for N, O and S, ``(code, *branches)`` instead, one sorted entry per
     neighbour: (its entry, its own neighbours but this atom, as a multiset).
 
     The cap bound: a pattern rooted at atom i matches it at most deg(i)! times (its neighbours
-    mapped onto i's, in any order), and an N or O pattern that looks through a neighbour j at most
+    mapped onto i's, in any order), and an N, O or S pattern that looks through a neighbour j at most
     deg(i) * deg(j)^2 times more; the sum over atoms bounds every pattern's match count."""
     if facts.atom_keys is not False:
         return facts.atom_keys
@@ -184,5 +187,24 @@ class AtomMemo:
         return self._known
 
 
+def hba_terms_apply(facts: _Facts) -> bool:
+    """Whether the HBA memo may describe this molecule. Lipinski's HBA pattern asks of an N whether
+    a neighbour has a double bond *outside rings* to O, N, P or S (``!$(N-*=!@[O,N,P,S])``), which
+    the keys do not say. A double bond with an end outside every ring is outside rings; only one
+    between two ring atoms (or atoms whose ring counts were not read) is left in doubt, and a
+    molecule with such a bond to O, N, P or S is described by the pattern and not learnt from."""
+    if facts.codes is None:
+        return False
+    for pair in facts.pairs:
+        low, bond_type, high = pair >> 32, pair >> 24 & 0xFF, pair & 0xFFFFFF
+        if bond_type == 2 and low & 15 and high & 15 and (
+                _KIND_KEYS[low >> 12][0] in _DOUBLE_BOND_ACCEPTOR or _KIND_KEYS[high >> 12][0] in _DOUBLE_BOND_ACCEPTOR):
+            return False
+    return True
+
+
+_DOUBLE_BOND_ACCEPTOR = (7, 8, 15, 16)  # [O,N,P,S] in !$(N-*=!@[O,N,P,S])
+
 CRIPPEN = AtomMemo("Crippen LogP")  # term: (heavy-atom LogP, LogP of each of its hydrogens or None)
 ACCEPTORS = AtomMemo("QED acceptors")  # term: how many of QED's acceptor patterns the atom matches
+HBA = AtomMemo("Lipinski HBA")  # term: 1 if the atom matches Lipinski's HBA pattern, else 0

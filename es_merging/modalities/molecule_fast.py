@@ -133,9 +133,18 @@ def _lipinski_hba(mol: Chem.Mol, signature=None, facts: _Facts | None = None) ->
     query = _fast_counts().get("hba")
     if query is None:
         return rdmd.CalcNumHBA(mol)
+    keys = atom_keys(facts) if facts is not None and memo.hba_terms_apply(facts) else None
+    terms = memo.HBA.terms(keys)
+    if terms is not None:  # every atom seen before (the pattern is one atom: a match is an atom)
+        return sum(terms)
     query = _hba_query(query, signature, facts)
-    return len(mol.GetSubstructMatches(query, _UNIQUE)) if query is not None else 0
-
+    matches = mol.GetSubstructMatches(query, _UNIQUE) if query is not None else ()
+    if keys is not None:
+        counts = [0] * mol.GetNumAtoms()
+        for (idx,) in matches:
+            counts[idx] = 1
+        memo.HBA.learn(keys, counts)
+    return len(matches)
 
 
 _HBA_VARIANTS: dict[tuple[str, tuple[int, ...]], Chem.Mol | None] = {}

@@ -66,8 +66,19 @@ _KIND_LOCK = threading.Lock()
 _BOND_TYPE_OF_ORDER = {1.0: 1, 2.0: 2, 3.0: 3, 4.0: 4, 1.5: 12}
 _ODD_BOND = re.compile(r"[~<>]")  # RDKit writes a dative bond '->' or '<-', any unusual bond type '~'
 _HAS_H = Chem.MolFromSmarts("[!H0]")
-# H counts in 3 searches: 1 and 3 set bit 1, 2 and 3 set bit 2; 4 or more asked atom by atom
+# H counts in 2 or 3 searches: 1 and 3 set bit 1, 2 and 3 set bit 2; 4 or more asked atom by atom,
+# and only searched for where the SMILES may hold such an atom (see _may_have_four_h)
 _H_COUNTS = [(Chem.MolFromSmarts(q), bit) for q, bit in (("[H1,H3]", 1), ("[H2,H3]", 2), ("[!H0;!H1;!H2;!H3]", 4))]
+_FOUR_H_IN_BRACKETS = re.compile(r"\[[^\]]*H(?:[4-9]|\d\d)")
+
+
+def _may_have_four_h(smiles: str) -> bool:
+    """Whether an atom of the molecule RDKit wrote as ``smiles`` may carry 4 or more hydrogens. An
+    atom written without brackets has the hydrogens its element's default valence leaves (B 3, C 4,
+    N 3, O 2, P 3, S 2, halogens 1, less its bonds): 4 only for a carbon with no bond, which RDKit
+    writes as a fragment "C" of its own (methane). Any other atom with 4 or more is written in
+    brackets with its count: [NH4+], [SiH4]."""
+    return bool(_FOUR_H_IN_BRACKETS.search(smiles)) or "C" in smiles.split(".")
 _MANY = 15  # degrees, H counts and ring counts are kept in 4 bits: 15 stands for "15 or more"
 
 
@@ -169,7 +180,7 @@ class _Facts:
         bond_types = [order << 24 for order in orders]
         hs: dict[int, int] = {}  # what RDKit's H primitive counts, atom by atom
         get = hs.get
-        for query, bit in _H_COUNTS:
+        for query, bit in _H_COUNTS if _may_have_four_h(smiles) else _H_COUNTS[:2]:
             for (idx,) in mol.GetSubstructMatches(query, _EVERY_ATOM):
                 hs[idx] = get(idx, 0) | bit if bit < 4 else mol.GetAtomWithIdx(idx).GetTotalNumHs()
         codes = [0] * n
