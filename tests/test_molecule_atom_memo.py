@@ -92,6 +92,18 @@ def test_hba_memo_leaves_ring_double_bonds_to_the_pattern(cold):
     assert len(memo.HBA) > 0
 
 
+def test_partly_known_molecules_type_only_the_rest(cold):
+    entries = _parsed(DRUGS + _nci(13))
+    half = len(entries) // 2
+    _values(entries[:half])  # learns the first half's keys
+    partly = 0
+    for mol, text, facts in entries[half:]:
+        found = memo.CRIPPEN.known(memo.atom_keys(facts))
+        partly += bool(found) and None in found and any(term is not None for term in found)
+        assert mf._crippen_logp(mol, text, facts) == Crippen.MolLogP(Chem.Mol(mol)), text
+    assert partly > 20
+
+
 def test_inspect_with_a_warm_memo_equals_a_cold_one(cold):
     smiles = DRUGS + _nci(11)
     cold_run = [r.descriptors for r in mm.inspect_molecules(smiles)]

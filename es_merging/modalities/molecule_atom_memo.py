@@ -154,11 +154,15 @@ class AtomMemo:
 
     def terms(self, ids: list[int] | None) -> list | None:
         """Each atom's term, or None unless every key is known."""
+        out = self.known(ids)
+        return None if out is None or None in out else out
+
+    def known(self, ids: list[int] | None) -> list | None:
+        """Each atom's term where its key is known, else None in its place (None: no keys)."""
         if ids is None or not self.enabled:
             return None
         terms = self._terms
-        out = [terms[i] for i in ids]
-        return None if None in out else out
+        return [terms[i] for i in ids]
 
     def learn(self, ids: list[int] | None, terms: list) -> None:
         """Remember each atom's term, as RDKit's route computed it for this molecule."""

@@ -185,17 +185,23 @@ def _crippen_h_logp() -> dict[str, float]:
     return out
 
 
-def _heavy_logp_contribs(mol: Chem.Mol, signature, typer, facts: _Facts | None = None) -> list[float]:
+def _heavy_logp_contribs(mol: Chem.Mol, signature, typer, facts: _Facts | None = None,
+                         known: list[float | None] | None = None) -> list[float]:
     """RDKit's getCrippenAtomContribs for heavy atoms: each pattern in order, every (non-unique, at
     most 1000, as RDKit asks) match types its first atom if still untyped; stop once all are typed.
 
     With ``facts`` (the molecule's :class:`_Facts`), a pattern is not searched for when the rich
     screen says it cannot match, or when every atom its first query atom may be (by atom code) is
-    typed already: neither search could type an atom. Same types, about half the searches."""
+    typed already: neither search could type an atom. Same types, about half the searches.
+    ``known`` (with facts): atoms already typed, by the memo; an atom's type does not depend on the
+    others', so the patterns only need to type the rest."""
     screen, logps = typer
-    contribs: list[float | None] = [None] * mol.GetNumAtoms()
-    left = len(contribs)
     kept = facts.kept(screen) if facts is not None else None
+    if kept is not None and known is not None:
+        contribs: list[float | None] = list(known)
+    else:
+        contribs = [None] * mol.GetNumAtoms()
+    left = contribs.count(None)
     if kept is None:
         for i in screen.kept(signature):
             for match in mol.GetSubstructMatches(screen.patterns[i], _NON_UNIQUE):
@@ -207,8 +213,9 @@ def _heavy_logp_contribs(mol: Chem.Mol, signature, typer, facts: _Facts | None =
         return [0.0 if c is None else c for c in contribs]  # untyped: 0, as RDKit's zero-filled vector
     codes, rich = facts.codes, _rich_screen()
     untyped: dict[int, int] = {}
-    for code in codes:
-        untyped[code] = untyped.get(code, 0) + 1
+    for code, contrib in zip(codes, contribs):
+        if contrib is None:
+            untyped[code] = untyped.get(code, 0) + 1
     known = rich.first_atoms(screen)
     first = {code: known[code] if code in known else rich.first_atom(screen, code) for code in untyped}
     live, stale = 0, False  # patterns whose first atom may be an untyped atom (stale: a superset)
@@ -285,8 +292,8 @@ def _crippen_logp(mol: Chem.Mol, smiles: str | None = None, facts: _Facts | None
     if mol.GetNumAtoms() != mol.GetNumHeavyAtoms():
         return Crippen.MolLogP(mol)
     keys = atom_keys(facts) if facts is not None else None
-    terms = memo.CRIPPEN.terms(keys)
-    if terms is not None:  # every atom seen before: RDKit's terms, summed in RDKit's order
+    terms = memo.CRIPPEN.known(keys)
+    if terms is not None and None not in terms:  # every atom seen before: RDKit's terms, summed in RDKit's order
         logp = 0.0
         for heavy_logp, _h_logp in terms:
             logp += heavy_logp
@@ -298,7 +305,8 @@ def _crippen_logp(mol: Chem.Mol, smiles: str | None = None, facts: _Facts | None
     h_logp = _crippen_h_logp()
     typer = _crippen_heavy() if smiles is not None else None
     if typer is not None:
-        heavy = _heavy_logp_contribs(mol, _signature(mol, smiles), typer, facts)
+        known = [term[0] if term is not None else None for term in terms] if terms is not None else None
+        heavy = _heavy_logp_contribs(mol, _signature(mol, smiles), typer, facts, known)
     else:
         heavy = [logp for logp, _mr in rdmd._CalcCrippenContribs(mol)]
     h_terms: list[tuple[int, int, float]] = []

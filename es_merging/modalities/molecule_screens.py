@@ -168,7 +168,7 @@ class _Facts:
                 return
             by_token = [kind << 12 for kind in by_token]
         adjacency = Chem.GetAdjacencyMatrix(mol, useBO=True)
-        rows, cols = np.nonzero(adjacency)  # each bond twice, with its order (0: dative, zero-order...)
+        rows, cols = adjacency.nonzero()  # each bond twice, with its order (0: dative, zero-order...)
         if len(rows) != 2 * mol.GetNumBonds():
             return
         upper = rows < cols
