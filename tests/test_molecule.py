@@ -157,6 +157,7 @@ def test_inspect_benchmark_smoke():
     assert floor["ceiling_per_cpu_s"] == pytest.approx(1e6 / floor["total_cpu_us"], rel=1e-3)
     # the full detail does at least these three calls per molecule (and they were timed alone)
     assert result["full_over_floor"] > 0.8
+    assert result["smiles_atom_memo_warm_per_cpu_s"] > 0 and len(result["smiles_atom_memo_warm_runs"]) == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -386,9 +386,10 @@ def inspect_molecules(smiles_list: Iterable[str], *, max_length: int = 2000, max
     described together, stage by stage, in runs of ``_CHUNK``; repeated SMILES come from a cache.
 
     Throughput on one core (CPU time, generated drug-like SMILES, RDKit 2026.09, ``es-merging bench
-    inspect``): full ~1,750 SMILES/s, basic ~3,300 SMILES/s (the previous route, measured alongside:
-    ~1,450 and ~3,200); RDKit's NCI first 5K (smaller, more varied molecules): full ~2,300/s, basic
-    ~4,400/s (previous ~1,950 and ~4,250).
+    inspect``, cold: descriptor cache and atom memo emptied first): full ~2,050 SMILES/s, basic
+    ~3,800/s, in an hour where RDKit's own parse + canonical SMILES + InChIKey took ~330 us. The
+    route before the atom memo (molecule_atom_memo), in alternating processes of the same hour:
+    526 -> 479 us per molecule; on RDKit's NCI first 3,000 (smaller, more varied): 420 -> 388 us.
     """
     _check_detail(detail)
     items = check_batch(smiles_list, max_items, "SMILES strings")

@@ -49,19 +49,30 @@ from es_merging.modalities.molecule_screens import (
 # unusual bonds, stereo marks, a non-default RDKit setting...) RDKit's own route is taken. (The parse
 # and the InChIKey are in molecule.py, the screens and _Facts in molecule_screens.py.)
 #
-# Where the time goes now (us per molecule, stage by stage, same setting): InChIKey ~178 (RDKit's
-# MolToInchi: ~77% InChI's own GetINCHI, the rest its copy, Kekulize and perchlorate clean-up, none
-# avoidable through rdinchi), _Facts ~60-74, parse ~70, Crippen ~60 (~13 searches of ~3 us, ~11 of
-# them type an atom), QED properties ~44 (~9 alert searches, ~0.3 of which match), canonical SMILES
-# ~41, rotor ~13, rich screen ~13, HBA ~11. A search costs ~1.2-2.3 us even when nothing matches
-# (SubstructMatchParameters made once save ~0.2-1 us of it); freeing a chunk's molecules leaves glibc
-# a malloc_consolidate to do. Measured and dropped (same-process A/B): _Facts in numpy (slower on ~25
-# atoms), InChI '/SNon' (-9 us, but InChI's undefined-stereo warnings go), one recursive query over
+# Remembered atom terms (molecule_atom_memo): an atom's Crippen type, QED acceptor count and
+# Lipinski HBA match depend only on its surroundings one or two bonds deep, so they are remembered
+# by an exact key of those surroundings (~19 us a molecule to build) and a molecule whose atoms are
+# all known needs no search for them: Crippen ~75 -> ~6 us, HBA ~21 -> ~7 us, acceptors ~12 -> ~2 us
+# (the benchmark's cold runs start with an empty memo; ~10% of its molecules then still meet an atom
+# they have not seen, and pattern-type only those atoms).
+#
+# Where the time goes now (share of the CPU of a cold benchmark run, py-spy, ~480 us a molecule):
+# InChIKey 38% (RDKit's MolToInchi: ~77% InChI's own GetINCHI, the rest its copy, Kekulize and
+# clean-up, none avoidable through rdinchi), parse 15%, _Facts 10% (its two H-count searches ~3%),
+# QED properties 8% (alerts ~4%: ~8 searches, ~0.3 of which match; aromatic rings ~1.6%), canonical
+# SMILES 7%, atom keys 4%, rotatable bonds 3.5%, Crippen ~3% (mostly the molecules with an unseen
+# atom). A search costs ~1.2-2.3 us even when nothing matches (SubstructMatchParameters made once
+# save ~0.2-1 us of it). Measured and dropped (same-process A/B): _Facts in numpy (slower on ~25
+# atoms), InChI '/SNon' (-9 us, but InChI's undefined-stereo warnings go), other InChI options that
+# keep the standard InChI ('/NoLabels', '/NEWPSOFF': no faster), one recursive query over
 # the kept alerts before searching them one by one (2x slower), marking plain molecules as
 # stereo-assigned instead of AssignStereochemistry (parse unchanged, the SMILES writer then slower),
 # a Counter / set of match roots in the Crippen loop and a C-level decode of the rich screen's guard
 # bits (both slower), skipping the sanitizer's clean-up steps that are no-ops here (~-4 us: not worth
-# the doubt).
+# the doubt), the SMILES atom order read as a vector (GetProp autoConvert: RDKit iterates it in
+# Python, slower than parsing the text), InChI or the canonical SMILES moved next to the parse
+# (no change), chunks of 16/32/128 molecules (64 is as fast as any), glibc malloc tunables (no
+# change), pausing the garbage collector (no change once parse errors stopped holding a cycle).
 # ---------------------------------------------------------------------------------------------
 _ROTOR_VARIANTS: dict[tuple[str, frozenset], Chem.Mol] = {}
 _ROTOR_BY_SIGNATURE: dict = {}
