@@ -386,10 +386,10 @@ def inspect_molecules(smiles_list: Iterable[str], *, max_length: int = 2000, max
     described together, stage by stage, in runs of ``_CHUNK``; repeated SMILES come from a cache.
 
     Throughput on one core (CPU time, generated drug-like SMILES, RDKit 2026.09, ``es-merging bench
-    inspect``, cold: descriptor cache and atom memo emptied first): full ~2,050 SMILES/s, basic
-    ~3,800/s, in an hour where RDKit's own parse + canonical SMILES + InChIKey took ~330 us. The
-    route before the atom memo (molecule_atom_memo), in alternating processes of the same hour:
-    526 -> 479 us per molecule; on RDKit's NCI first 3,000 (smaller, more varied): 420 -> 388 us.
+    inspect``, cold: descriptor cache and atom memo emptied first): full ~2,000-2,050 SMILES/s,
+    basic ~3,700-3,800/s, in an hour where RDKit's own parse + canonical SMILES + InChIKey took
+    ~330 us. Against the route before the atom memo (molecule_atom_memo), alternating processes of
+    one hour: 585 -> 520 us per molecule; RDKit's NCI first 3,000 (smaller, more varied): 420 -> 388.
     """
     _check_detail(detail)
     items = check_batch(smiles_list, max_items, "SMILES strings")
