@@ -368,7 +368,10 @@ def _describe_text(text: str, detail: Detail = "full") -> tuple[dict, tuple[str,
 
 def clear_caches() -> None:
     """Forget every described molecule and every remembered atom term (molecule_atom_memo): the
-    next batch is described as by a fresh process. The benchmark's cold runs start with this."""
+    next batch computes every descriptor again, as a fresh process would. What stays holds no
+    result: the pattern screens' masks and the atom keys' ids (renumbering them while another
+    thread holds old ids could file a term under another key). The benchmark's cold runs start
+    with this."""
     _CACHE.cache_clear()
     for remembered in (atom_memo.CRIPPEN, atom_memo.ACCEPTORS, atom_memo.HBA):
         remembered.clear()
