@@ -178,3 +178,24 @@ def test_recursive_parts_screen_by_their_first_atom():
     assert ms._may_match(nested, (6, False, 0, 0)) is False  # neither an O nor an aromatic n
     assert ms._may_match(nested, (8, False, 0, 0)) is None  # an O: the rest is for the search to say
     assert rich.decode(0, screen) == ()
+
+
+def test_threads_share_the_memo_safely(cold):
+    # the server describes molecules in worker threads: concurrent learning and lookups must give
+    # every thread RDKit's numbers
+    from concurrent.futures import ThreadPoolExecutor
+
+    smiles = DRUGS + _nci(9)
+    expected = [r.descriptors for r in mm.inspect_molecules(smiles)]
+    mm.clear_caches()
+
+    def describe(offset):
+        mm._CACHE.cache_clear()
+        order = smiles[offset:] + smiles[:offset]
+        got = [r.descriptors for r in mm.inspect_molecules(order)]
+        return got[len(smiles) - offset:] + got[:len(smiles) - offset]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(describe, [0, 37, 101, 211]))
+    assert all(result == expected for result in results)
+    assert memo.CRIPPEN.enabled and memo.ACCEPTORS.enabled and memo.HBA.enabled
