@@ -177,7 +177,7 @@ class AtomMemo:
                     self._known += 1
                 elif old != term:
                     self.enabled = False
-                    self._terms = [None] * _MAX_KEYS
+                    self._terms, self._known = [None] * _MAX_KEYS, 0
                     log.warning("%s memo switched off: one atom key gave %r and %r; RDKit's pattern "
                                 "route is used from now on (please report the molecule)", self.name, old, term)
                     return
@@ -200,7 +200,7 @@ def hba_terms_apply(facts: _Facts) -> bool:
     if facts.codes is None:
         return False
     for pair in facts.pairs:
-        low, bond_type, high = pair >> 32, pair >> 24 & 0xFF, pair & 0xFFFFFF
+        low, bond_type, high = _Facts.unpair(pair)
         if bond_type == 2 and low & 15 and high & 15 and (
                 _KIND_KEYS[low >> 12][0] in _DOUBLE_BOND_ACCEPTOR or _KIND_KEYS[high >> 12][0] in _DOUBLE_BOND_ACCEPTOR):
             return False

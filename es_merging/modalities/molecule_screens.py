@@ -136,7 +136,7 @@ class _Facts:
     ``codes`` is None (and the screens fall back to the SMILES signature) when this cannot be read
     with certainty: explicit hydrogen atoms, a dative or unusual bond, an atom token RDKit cannot
     read alone, a SMILES that is not this molecule's. The H counts are read with RDKit's own H query
-    primitive (3 searches), the ring counts from the RingInfo its R primitive reads (atom by atom:
+    primitive (2 searches, 3 where an atom may carry 4 or more), the ring counts from the RingInfo its R primitive reads (atom by atom:
     ~3 us, where searching [R] and [!R0;!R1] took ~8), the bonds from its adjacency matrix."""
 
     __slots__ = ("codes", "pairs", "hs", "edges", "orders", "atom_keys", "_kept", "_guards")
@@ -147,7 +147,7 @@ class _Facts:
         self.hs: dict[int, int] = {}
         self.edges: tuple[list[int], list[int]] = ([], [])
         self.orders: list[int] = []  # RDKit's BondType value of each bond in edges (1, 2, 3, 4, 12)
-        self.atom_keys: list[tuple] | None | bool = False  # False: not computed yet
+        self.atom_keys: list[int] | None | bool = False  # key ids; False: not computed yet
         self._kept: dict | None = None
         n = mol.GetNumAtoms()
         if not n or n != mol.GetNumHeavyAtoms() or _ODD_BOND.search(smiles):
@@ -295,7 +295,7 @@ def _atom_tree(atom: Chem.Atom):
         roots.append((negated, _atom_tree(query.GetAtomWithIdx(0))))
     next_root = iter(roots).__next__
 
-    def rebuild(node):  # the same depth-first order as collect
+    def rebuild(node):  # depth first, the order DescribeQuery lists the recursive nodes in
         if node[0] == "RecursiveStructure":
             negated, root = next_root()
             return node if negated else ("RecursiveRoot", None, False, (root,), 1)
