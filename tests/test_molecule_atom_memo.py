@@ -108,7 +108,7 @@ def test_inspect_with_a_warm_memo_equals_a_cold_one(cold):
     smiles = DRUGS + _nci(11)
     cold_run = [r.descriptors for r in mm.inspect_molecules(smiles)]
     known = len(memo.CRIPPEN)
-    mm._CACHE.cache_clear()  # descriptors forgotten, atom terms kept
+    mm.clear_caches(atom_terms=False)  # descriptors forgotten, atom terms kept
     warm_run = [r.descriptors for r in mm.inspect_molecules(smiles)]
     assert warm_run == cold_run and len(memo.CRIPPEN) == known > 0
     mm.clear_caches()
@@ -190,7 +190,7 @@ def test_threads_share_the_memo_safely(cold):
     mm.clear_caches()
 
     def describe(offset):
-        mm._CACHE.cache_clear()
+        mm.clear_caches(atom_terms=False)
         order = smiles[offset:] + smiles[:offset]
         got = [r.descriptors for r in mm.inspect_molecules(order)]
         return got[len(smiles) - offset:] + got[:len(smiles) - offset]

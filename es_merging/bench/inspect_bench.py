@@ -145,7 +145,7 @@ def bench_inspect(n: int = 5000, seed: int = 0, repeats: int = 3) -> dict:
                           "cpu_us_per_item": round(1e6 / cpu, 1), "runs": runs, "results": res}
     # The same molecules again with the atom memo kept (a server that has described molecules before):
     # descriptors forgotten, atom terms remembered.
-    _warm, warm_cpu, warm_runs, _ = _rate(molecule.inspect_molecules, smiles, repeats, before=molecule._CACHE.cache_clear)
+    _warm, warm_cpu, warm_runs, _ = _rate(molecule.inspect_molecules, smiles, repeats, before=functools.partial(molecule.clear_caches, atom_terms=False))
     floor = rdkit_floor(smiles, repeats)
     mol_res = levels["full"].pop("results")
     levels["basic"].pop("results")

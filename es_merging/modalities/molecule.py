@@ -366,15 +366,16 @@ def _describe_text(text: str, detail: Detail = "full") -> tuple[dict, tuple[str,
     return hit
 
 
-def clear_caches() -> None:
-    """Forget every described molecule and every remembered atom term (molecule_atom_memo): the
-    next batch computes every descriptor again, as a fresh process would. What stays holds no
-    result: the pattern screens' masks and the atom keys' ids (renumbering them while another
-    thread holds old ids could file a term under another key). The benchmark's cold runs start
-    with this."""
+def clear_caches(atom_terms: bool = True) -> None:
+    """Forget every described molecule and (``atom_terms``) every remembered atom term
+    (molecule_atom_memo): the next batch computes every descriptor again, as a fresh process would.
+    What stays holds no result: the pattern screens' masks and the atom keys' ids (renumbering them
+    while another thread holds old ids could file a term under another key). The benchmark's cold
+    runs start with this; its warm-memo runs keep the atom terms."""
     _CACHE.cache_clear()
-    for remembered in (atom_memo.CRIPPEN, atom_memo.ACCEPTORS, atom_memo.HBA):
-        remembered.clear()
+    if atom_terms:
+        for remembered in (atom_memo.CRIPPEN, atom_memo.ACCEPTORS, atom_memo.HBA):
+            remembered.clear()
 
 
 _describe_text.cache_clear = clear_caches  # type: ignore[attr-defined]
