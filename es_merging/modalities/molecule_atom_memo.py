@@ -42,7 +42,7 @@ _LOOKS_FURTHER = (7, 8, 16)  # N, O and S: their patterns reach one bond past th
 # own in an int, in order of first sight: an atom's neighbours as a multiset are then the sum of
 # their weights (at most 14 of each: a degree of 15 or more is not used), exact and cheap to build.
 _WEIGHTS: dict[int, int] = {}
-_WEIGHTS_LOCK = threading.Lock()
+_IDS_LOCK = threading.Lock()  # guards _WEIGHTS and _KEY_IDS
 _MAX_FIELDS = 4096  # distinct neighbour entries; drug-like sets have a few dozen
 _deep_kinds: dict[int, bool] = {}  # atom kind -> whether it is an N, O or S
 # Each distinct key gets a small int, so that a key is hashed once per atom, not once per memo,
@@ -53,7 +53,7 @@ _MAX_KEYS = 1 << 16
 
 
 def _weight(entry: int) -> int | None:
-    with _WEIGHTS_LOCK:  # two threads must not give two entries the same field
+    with _IDS_LOCK:  # two threads must not give two entries the same field
         weight = _WEIGHTS.get(entry)
         if weight is None and len(_WEIGHTS) < _MAX_FIELDS:
             weight = _WEIGHTS[entry] = 1 << 4 * len(_WEIGHTS)
@@ -61,7 +61,7 @@ def _weight(entry: int) -> int | None:
 
 
 def _key_id(key: tuple) -> int | None:
-    with _WEIGHTS_LOCK:
+    with _IDS_LOCK:  # nor two keys the same id
         key_id = _KEY_IDS.get(key)
         if key_id is None and len(_KEY_IDS) < _MAX_KEYS:
             key_id = _KEY_IDS[key] = len(_KEY_IDS)

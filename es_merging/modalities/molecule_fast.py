@@ -198,19 +198,19 @@ def _crippen_h_logp() -> dict[str, float]:
 
 
 def _heavy_logp_contribs(mol: Chem.Mol, signature, typer, facts: _Facts | None = None,
-                         known: list[float | None] | None = None) -> list[float]:
+                         typed: list[float | None] | None = None) -> list[float]:
     """RDKit's getCrippenAtomContribs for heavy atoms: each pattern in order, every (non-unique, at
     most 1000, as RDKit asks) match types its first atom if still untyped; stop once all are typed.
 
     With ``facts`` (the molecule's :class:`_Facts`), a pattern is not searched for when the rich
     screen says it cannot match, or when every atom its first query atom may be (by atom code) is
     typed already: neither search could type an atom. Same types, about half the searches.
-    ``known`` (with facts): atoms already typed, by the memo; an atom's type does not depend on the
+    ``typed`` (with facts): atoms already typed, by the memo; an atom's type does not depend on the
     others', so the patterns only need to type the rest."""
     screen, logps = typer
     kept = facts.kept(screen) if facts is not None else None
-    if kept is not None and known is not None:
-        contribs: list[float | None] = list(known)
+    if kept is not None and typed is not None:
+        contribs: list[float | None] = list(typed)
     else:
         contribs = [None] * mol.GetNumAtoms()
     left = contribs.count(None)
@@ -317,8 +317,8 @@ def _crippen_logp(mol: Chem.Mol, smiles: str | None = None, facts: _Facts | None
     h_logp = _crippen_h_logp()
     typer = _crippen_heavy() if smiles is not None else None
     if typer is not None:
-        known = [term[0] if term is not None else None for term in terms] if terms is not None else None
-        heavy = _heavy_logp_contribs(mol, _signature(mol, smiles), typer, facts, known)
+        typed = [term[0] if term is not None else None for term in terms] if terms is not None else None
+        heavy = _heavy_logp_contribs(mol, _signature(mol, smiles), typer, facts, typed)
     else:
         heavy = [logp for logp, _mr in rdmd._CalcCrippenContribs(mol)]
     h_terms: list[tuple[int, int, float]] = []
@@ -419,19 +419,10 @@ def _qed_properties_many(mols: Sequence[Chem.Mol], knowns: Sequence[dict | None]
                          "hbd": rdmd.CalcNumHBD(mol), "tpsa": rdmd.CalcTPSA(mol),
                          "rotb": _rotatable_bonds(mol, _signature(mol, text), facts[i])}
     acceptors, alerts = _acceptor_screen(), _alert_screen()
-    kept_acceptors, kept_alerts = [], []
-    for m, text, fact in zip(mols, smiles, facts):
-        kept = fact.kept(acceptors) if fact is not None else None
-        if kept is None:  # no facts: screen by the SMILES alone
-            signature = _signature(m, text)
-            kept_acceptors.append(acceptors.kept(signature))
-            kept_alerts.append(alerts.kept(signature))
-        else:
-            kept_acceptors.append(kept)
-            kept_alerts.append(fact.kept(alerts))
+    kept_alerts = [_kept(alerts, m, text, fact) for m, text, fact in zip(mols, smiles, facts)]
     arom = [_qed_aromatic_rings(m, s, f) for m, s, f in zip(mols, smiles, facts)]
     # QED: sum(len(GetSubstructMatches(p)) for p if HasSubstructMatch(p)); no match adds 0 anyway
-    hba = [_acceptor_count(m, kept, acceptors, fact) for m, kept, fact in zip(mols, kept_acceptors, facts)]
+    hba = [_acceptor_count(m, text, acceptors, fact) for m, text, fact in zip(mols, smiles, facts)]
     # one C++ FilterCatalog call over the kept alerts is no faster: the searches themselves cost
     n_alerts = [sum(1 for i in kept if m.HasSubstructMatch(alerts.patterns[i], _ANY)) for m, kept in zip(mols, kept_alerts)]
     return [QED.QEDproperties(MW=k["mw"], ALOGP=k["logp"], HBA=a, HBD=k["hbd"], PSA=k["tpsa"], ROTB=k["rotb"],
@@ -439,14 +430,21 @@ def _qed_properties_many(mols: Sequence[Chem.Mol], knowns: Sequence[dict | None]
             for k, a, r, n in zip(knowns, hba, arom, n_alerts)]
 
 
-def _acceptor_count(mol: Chem.Mol, kept: tuple[int, ...], acceptors, facts: _Facts | None) -> int:
-    """QED's HBA: the matches of its acceptor patterns that may match (``kept``), or, when every
-    atom's key is known, the sum of the atoms' remembered counts (see molecule_atom_memo; each
-    acceptor pattern is one atom, so a match is an atom)."""
+def _kept(screen, mol: Chem.Mol, smiles: str, facts: _Facts | None) -> tuple[int, ...]:
+    """The patterns of ``screen`` that may match: by the molecule's facts, else by its SMILES alone."""
+    kept = facts.kept(screen) if facts is not None else None
+    return kept if kept is not None else screen.kept(_signature(mol, smiles))
+
+
+def _acceptor_count(mol: Chem.Mol, smiles: str, acceptors, facts: _Facts | None) -> int:
+    """QED's HBA: the matches of its acceptor patterns that may match, or, when every atom's key
+    is known, the sum of the atoms' remembered counts (see molecule_atom_memo; each acceptor
+    pattern is one atom, so a match is an atom; the screen is then not consulted)."""
     keys = atom_keys(facts) if facts is not None and _single_atom_acceptors() else None
     terms = memo.ACCEPTORS.terms(keys)
     if terms is not None:
         return sum(terms)
+    kept = _kept(acceptors, mol, smiles, facts)
     if keys is None:
         return sum(len(mol.GetSubstructMatches(acceptors.patterns[i], _UNIQUE)) for i in kept)
     counts = [0] * mol.GetNumAtoms()
